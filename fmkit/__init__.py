@@ -1,0 +1,52 @@
+"""fmkit: flow-matching image generation with plugins.
+
+Public API; the seed project's names (`UNet`, `FlowMatching`, `load_celeba_data`,
+`visualize_samples`) are kept so its scripts keep working.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fmkit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+from fmkit.errors import FmkitError
+from fmkit.flow import FlowMatching, sample_time
+from fmkit.hookspecs import hookimpl
+from fmkit.options import parse_options
+from fmkit.path import PathSample, ProbabilityPath
+from fmkit.plugins import list_plugins, registry
+from fmkit.registry import Registry
+from fmkit.solver import Solution, Solver, Velocity, build_solver, integrate
+
+
+def __getattr__(name: str):
+    # The seed's UNet lives in the built-in plugin; import it on first use so `import fmkit`
+    # does not build the plugin set.
+    if name == "UNet":
+        from fmkit_plugins.unet import UNet
+
+        return UNet
+    raise AttributeError(f"module 'fmkit' has no attribute {name!r}")
+
+
+__all__ = [
+    "FlowMatching",
+    "FmkitError",
+    "PathSample",
+    "ProbabilityPath",
+    "Registry",
+    "Solution",
+    "Solver",
+    "UNet",
+    "Velocity",
+    "__version__",
+    "build_solver",
+    "hookimpl",
+    "integrate",
+    "list_plugins",
+    "parse_options",
+    "registry",
+    "sample_time",
+]

@@ -1,0 +1,31 @@
+"""Hook specifications: what a plugin may implement. Signatures only."""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("fmkit")
+hookimpl = pluggy.HookimplMarker("fmkit")
+
+
+@hookspec
+def register_backbones(register):
+    """Register backbones: register(name, factory); factory(*, image_size, channels, **options)."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets: register(name, factory); factory(*, root, image_size, split, **options)."""
+
+
+@hookspec
+def register_paths(register):
+    """Register probability paths: register(name, factory); factory(**options) -> ProbabilityPath."""
+
+
+@hookspec
+def register_solvers(register):
+    """Register ODE solvers: register(name, factory); factory(**options) -> Solver."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands to the fmkit click group `cli`."""

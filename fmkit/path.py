@@ -1,0 +1,37 @@
+"""Probability paths: how training pairs (noise x0, data x1) are interpolated at time t."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class PathSample:
+    """A point on the path and the velocity the model must learn there.
+
+    Attributes:
+        x_t: (B, C, H, W) the interpolated state at time t.
+        velocity: (B, C, H, W) the conditional target velocity d x_t / d t.
+        t: (B,) the times, in [0, 1] (0 = noise, 1 = data).
+    """
+
+    x_t: Tensor
+    velocity: Tensor
+    t: Tensor
+
+
+class ProbabilityPath(ABC):
+    """A conditional probability path from noise (t = 0) to data (t = 1)."""
+
+    @abstractmethod
+    def sample(self, x0: Tensor, x1: Tensor, t: Tensor) -> PathSample:
+        """Interpolate.
+
+        Args:
+            x0: (B, C, H, W) noise.
+            x1: (B, C, H, W) data.
+            t: (B,) times in [0, 1].
+        """

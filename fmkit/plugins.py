@@ -1,0 +1,157 @@
+"""The plugin manager: built-in plugins and pip-installed ones (entry-point group `fmkit`).
+
+Built-ins are ordinary plugin modules, registered the same way as entry points. Third-party
+entry points are loaded one at a time, so a broken one is reported by distribution and skipped
+while the rest of fmkit keeps working.
+
+Environment:
+    FMKIT_DISABLE_PLUGIN_AUTOLOAD=1  load only the built-in plugins.
+    FMKIT_STRICT_PLUGINS=1           a plugin that fails to load or register is a fatal error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+import pluggy
+
+from fmkit import hookspecs
+from fmkit.errors import FmkitError
+from fmkit.registry import Registry
+
+logger = logging.getLogger("fmkit")
+
+ENTRY_POINT_GROUP = "fmkit"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "fmkit_plugins.unet",
+    "fmkit_plugins.paths",
+    "fmkit_plugins.solvers",
+)
+
+# Registry attribute name -> singular noun used in messages.
+KINDS: dict[str, str] = {
+    "backbones": "backbone",
+    "datasets": "dataset",
+    "paths": "path",
+    "solvers": "solver",
+}
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a registered plugin came from."""
+
+    name: str  # plugin name in the manager (module name for built-ins, dist name otherwise)
+    version: str  # version of the distribution that ships it
+    distribution: str  # "fmkit" for built-ins
+
+
+pm = pluggy.PluginManager("fmkit")
+pm.add_hookspecs(hookspecs)
+_info: dict[str, PluginInfo] = {}
+_loaded = False
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail(message: str) -> None:
+    """A plugin misbehaved: fatal under FMKIT_STRICT_PLUGINS, otherwise one warning line."""
+    if _flag("FMKIT_STRICT_PLUGINS"):
+        raise FmkitError(message)
+    logger.warning("fmkit: warning: %s", message)
+
+
+def _fmkit_version() -> str:
+    from fmkit import __version__
+
+    return __version__
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Register the built-in plugins and every entry point of group `fmkit` (once)."""
+    global _loaded
+    if _loaded:
+        return pm
+    _loaded = True
+    for module_name in DEFAULT_PLUGINS:
+        module = importlib.import_module(module_name)
+        pm.register(module, name=module_name)
+        _info[module_name] = PluginInfo(module_name, _fmkit_version(), "fmkit")
+    if _flag("FMKIT_DISABLE_PLUGIN_AUTOLOAD"):
+        return pm
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist_name = ep.dist.name if ep.dist else ep.name
+        version = ep.dist.version if ep.dist else "unknown"
+        if pm.get_plugin(dist_name) is not None or pm.is_blocked(dist_name):
+            continue
+        try:
+            module = ep.load()
+            pm.register(module, name=dist_name)
+        except Exception as exc:  # any error in third-party import code
+            _fail(f"skipping plugin {dist_name} {version}: {type(exc).__name__}: {exc}")
+            continue
+        _info[dist_name] = PluginInfo(dist_name, version, dist_name)
+    return pm
+
+
+def plugin_info(name: str) -> PluginInfo:
+    """Version and distribution of a registered plugin (plugins registered by hand: 'unknown')."""
+    return _info.get(name, PluginInfo(name, "unknown", "unknown"))
+
+
+def list_plugins() -> list[dict[str, object]]:
+    """Every loaded plugin: name, version and the hooks it implements (built-ins first)."""
+    manager = load_plugins()
+    rows = []
+    for name, plugin in manager.list_name_plugin():
+        hooks = sorted(h.name for h in manager.get_hookcallers(plugin) or [])
+        info = plugin_info(name)
+        rows.append({"name": name, "version": info.version, "hooks": hooks})
+    return rows
+
+
+def registry(kind: str) -> Registry:
+    """Build the registry `kind` ("backbones", "datasets", "paths" or "solvers") from the hooks.
+
+    Each plugin's hook is called on its own so that a duplicate name can name both plugins and
+    a plugin whose hook raises is skipped alone.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown registry {kind!r}; expected one of {', '.join(KINDS)}")
+    manager = load_plugins()
+    reg = Registry(KINDS[kind])
+    caller = getattr(manager.hook, f"register_{kind}")
+    # pluggy returns implementations last-registered-first; built-ins should come first.
+    for impl in reversed(caller.get_hookimpls()):
+
+        def register(name, factory, _plugin=impl.plugin_name):
+            reg.add(name, factory, plugin=_plugin)
+
+        try:
+            impl.function(*[register for _ in impl.argnames])
+        except FmkitError:
+            raise
+        except Exception as exc:
+            _fail(
+                f"plugin {impl.plugin_name} failed in register_{kind}: {type(exc).__name__}: {exc}"
+            )
+    return reg
+
+
+def add_commands(cli: object) -> None:
+    """Let plugins add click commands to the `fmkit` group."""
+    manager = load_plugins()
+    for impl in reversed(manager.hook.register_commands.get_hookimpls()):
+        try:
+            impl.function(*[cli for _ in impl.argnames])
+        except Exception as exc:
+            _fail(
+                f"plugin {impl.plugin_name} failed in register_commands: {type(exc).__name__}: {exc}"
+            )

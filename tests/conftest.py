@@ -1,0 +1,83 @@
+"""Shared fixtures. Installed third-party plugins never leak into tests: autoload is off for the
+test process, and tests that need a plugin register it in a fixture."""
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ["FMKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from fmkit.cli import cli  # noqa: E402
+from fmkit.plugins import pm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def register_plugin():
+    """register_plugin(obj, name): add a plugin object for one test, removed afterwards."""
+    names = []
+
+    def register(obj, name):
+        pm.register(obj, name=name)
+        names.append(name)
+        return obj
+
+    try:
+        yield register
+    finally:
+        for name in names:
+            pm.unregister(name=name)
+
+
+@pytest.fixture
+def run_cli():
+    """run_cli(*args) -> click Result of the fmkit group (in process)."""
+
+    def run(*args):
+        return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def one_line_error(result) -> str:
+    """Assert a CLI result failed with exactly one error line and no traceback; return it."""
+    output = result.output if hasattr(result, "output") else result
+    assert result.exit_code != 0, output
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    assert lines[0].startswith("Error: "), output
+    return lines[0]
+
+
+def make_plugin_distribution(root: Path, dist: str, module: str, body: str, version="1.2.3"):
+    """Write an installed-looking distribution (module + .dist-info with entry_points.txt naming
+    group `fmkit`) under `root`, which can then go on sys.path / PYTHONPATH."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(textwrap.dedent(body))
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[fmkit]\n{dist} = {module}\n")
+    return root
+
+
+def run_fmkit(*args, env_extra=None, cwd=None):
+    """Run `python -m fmkit ARGS` in a subprocess with plugin autoload on."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_")}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "fmkit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )

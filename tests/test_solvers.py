@@ -1,0 +1,88 @@
+"""Every registered solver against ODEs whose solutions are known in closed form."""
+
+import math
+
+import pytest
+import torch
+
+from fmkit import build_solver, integrate, registry
+
+SOLVERS = registry("solvers").names()
+FIXED_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+def decay(t, x):  # dx/dt = -x  ->  x(t) = x0 exp(-t)
+    return -x
+
+
+def time_dependent(t, x):  # dx/dt = cos(2 pi t) x  ->  x(t) = x0 exp(sin(2 pi t) / (2 pi))
+    return torch.cos(2 * math.pi * t) * x
+
+
+CASES = [
+    (decay, lambda x0, t: x0 * math.exp(-t)),
+    (time_dependent, lambda x0, t: x0 * math.exp(math.sin(2 * math.pi * t) / (2 * math.pi))),
+]
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("field, exact", CASES)
+def test_solver_matches_closed_form(name, field, exact):
+    x0 = torch.linspace(-1, 1, 2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
+    solver = build_solver(name, steps=200)
+    if solver.adaptive:
+        solver = build_solver(name, options={"rtol": 1e-8, "atol": 1e-8})
+    times = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    sol = integrate(solver, field, x0, times)
+    assert sol.trajectory.shape == (3, 2, 3, 4, 4)
+    for k, t in enumerate(times.tolist()):
+        # Euler is first order (error ~ 1e-3 here at 200 steps); the others are far tighter.
+        atol = 1e-2 if name == "euler" else 1e-4
+        torch.testing.assert_close(sol.trajectory[k], exact(x0, t), rtol=0, atol=atol)
+    assert sol.nfe > 0
+
+
+@pytest.mark.parametrize("name, per_step", sorted(FIXED_NFE_PER_STEP.items()))
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_fixed_step_nfe_is_exact(name, per_step, steps):
+    sol = integrate(
+        build_solver(name, steps=steps), decay, torch.ones(1, 1, 2, 2), torch.tensor([0.0, 1.0])
+    )
+    assert sol.nfe == per_step * steps
+    assert not build_solver(name, steps=steps).adaptive
+
+
+def test_every_fixed_step_solver_is_known_here():
+    fixed = [n for n in SOLVERS if not build_solver(n, steps=3).adaptive]
+    assert sorted(fixed) == sorted(FIXED_NFE_PER_STEP)
+
+
+def test_order_of_accuracy_shows_in_the_error():
+    x0 = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    errors = {
+        n: (integrate(build_solver(n, steps=10), decay, x0, t).x - math.exp(-1)).abs().item()
+        for n in FIXED_NFE_PER_STEP
+    }
+    assert errors["rk4"] < errors["midpoint"] < errors["euler"]
+    assert errors["heun"] < errors["euler"] / 10
+
+
+def test_adaptive_tolerance_trades_nfe_for_accuracy():
+    x0 = torch.ones(4, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    loose = integrate(
+        build_solver("dopri5", options={"rtol": 1e-3, "atol": 1e-3}), time_dependent, x0, t
+    )
+    tight = integrate(
+        build_solver("dopri5", options={"rtol": 1e-9, "atol": 1e-9}), time_dependent, x0, t
+    )
+    assert tight.nfe > loose.nfe
+    exact = math.exp(0.0)
+    assert (tight.x - exact).abs().max() < (loose.x - exact).abs().max() + 1e-12
+    assert build_solver("dopri5").adaptive
+
+
+def test_adaptive_solvers_ignore_steps():
+    solver = build_solver("dopri5", steps=5)
+    assert solver.adaptive and not hasattr(solver, "steps")

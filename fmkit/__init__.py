@@ -11,6 +11,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+from fmkit.data import load_celeba_data
 from fmkit.errors import FmkitError
 from fmkit.flow import FlowMatching, sample_time
 from fmkit.hookspecs import hookimpl
@@ -46,6 +47,7 @@ __all__ = [
     "hookimpl",
     "integrate",
     "list_plugins",
+    "load_celeba_data",
     "parse_options",
     "registry",
     "sample_time",

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
+from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
 from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
+from fmkit.prepared import write_array
+from fmkit.registry import unknown_name_message
 
 
 class FmkitGroup(click.Group):
@@ -101,6 +105,60 @@ def show_command(
     if kind == "backbones":
         count = sum(p.numel() for p in built.parameters())
         click.echo(f"parameters: {count:,} ({count / 1e6:.1f}M) at {image_size}x{image_size}")
+
+
+class PrepareGroup(click.Group):
+    """`fmkit prepare NAME`: any map-style registered dataset becomes a prepared array;
+    plugins add their own subcommands (e.g. `prepare imagenet`), which take precedence."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(registry("datasets").names()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        datasets = registry("datasets")
+        if name not in datasets:
+            raise click.ClickException(unknown_name_message("dataset", name, datasets.names()))
+        return _prepare_array_command(name)
+
+
+@cli.group("prepare", cls=PrepareGroup)
+def prepare_group() -> None:
+    """Write a dataset once in a fast form: `fmkit prepare celeba|folder ... --out DIR` writes a
+    memory-mapped uint8 array (train with --dataset prepared --data-dir DIR);
+    `fmkit prepare imagenet` writes WebDataset shards."""
+
+
+def _prepare_array_command(name: str) -> click.Command:
+    @click.command(name)
+    @click.option("--data-dir", default="./data", show_default=True, help="Where the dataset is.")
+    @click.option("--image-size", default=64, show_default=True, type=click.IntRange(1))
+    @click.option("--split", default="train", show_default=True)
+    @click.option(
+        "--out",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory to write.",
+    )
+    @click.option(
+        "--dataset-opt", "opts", multiple=True, metavar="KEY=VALUE", help="Dataset option."
+    )
+    def command(data_dir: str, image_size: int, split: str, out: Path, opts: tuple[str, ...]):
+        options = parse_options(opts, "--dataset-opt")
+        dataset = build_dataset(name, data_dir, image_size, split, options, flip=False)
+        source = {
+            "dataset": name,
+            "data_dir": str(Path(data_dir).resolve()),
+            "split": split,
+            "options": options,
+        }
+        write_array(dataset, out, source)
+        click.echo(f"wrote {len(dataset)} images of {image_size}x{image_size} to {out}")
+
+    command.help = f"Decode, crop and resize the `{name}` dataset once into a uint8 array in --out."
+    return command
 
 
 def main() -> None:

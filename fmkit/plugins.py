@@ -31,6 +31,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.unet",
     "fmkit_plugins.paths",
     "fmkit_plugins.solvers",
+    "fmkit_plugins.celeba",
+    "fmkit_plugins.folder",
+    "fmkit_plugins.imagenet",
+    "fmkit_plugins.prepared",
 )
 
 # Registry attribute name -> singular noun used in messages.

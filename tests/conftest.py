@@ -12,7 +12,9 @@ import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from fmkit.cli import cli  # noqa: E402
-from fmkit.plugins import pm  # noqa: E402
+from fmkit.plugins import add_commands, pm  # noqa: E402
+
+add_commands(cli)  # plugin subcommands (e.g. `prepare imagenet`), as the console script does
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,3 +83,13 @@ def run_fmkit(*args, env_extra=None, cwd=None):
         cwd=cwd,
         timeout=300,
     )
+
+
+def write_image(path: Path, size=(20, 16), color=(200, 30, 30), mode="RGB", fmt=None):
+    """Write a solid-colour image (any PIL mode) and return its path."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, color).convert(mode)
+    image.save(path, format=fmt)
+    return path

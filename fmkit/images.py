@@ -1,0 +1,118 @@
+"""Image helpers every dataset plugin shares: decode, crop, resize, and map to [-1, 1]."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# A crop box: (left, top, right, bottom) in pixels, or None for the largest centred square.
+Box = tuple[int, int, int, int]
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """Decode a file or bytes to an RGB image (grayscale, palette and RGBA converted)."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()  # decode now, so truncated files fail here and not later
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite onto white rather than letting the alpha channel drop to black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def center_square(width: int, height: int, size: int | None = None) -> Box:
+    """The centred square of side `size` (default: the shorter side)."""
+    size = min(width, height) if size is None else size
+    left, top = (width - size) // 2, (height - size) // 2
+    return (left, top, left + size, top + size)
+
+
+def crop_resize(image: Image.Image, box: Box | None, size: int) -> Image.Image:
+    """Crop `box` (None: centred square) and resize to size x size with antialiasing."""
+    box = center_square(*image.size) if box is None else box
+    # Crop first (as torchvision's CenterCrop + Resize): pixels outside the box never leak in.
+    # PIL's bicubic resize widens its filter when shrinking, so it is antialiased.
+    return image.crop(box).resize((size, size), Image.BICUBIC)
+
+
+def to_uint8(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 array."""
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_tensor(pixels: np.ndarray | Image.Image, flip: bool = False) -> Tensor:
+    """(H, W, 3) uint8 pixels -> (3, H, W) float32 in [-1, 1], mirrored when `flip`."""
+    array = np.asarray(pixels, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return tensor.flip(-1) if flip else tensor
+
+
+def batch_to_tensor(pixels: np.ndarray, flips: Sequence[bool] | Tensor | None = None) -> Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]; flips is a (B,) bool mask."""
+    batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
+    batch = batch.div_(127.5).sub_(1.0)
+    if flips is not None:
+        mask = torch.as_tensor(flips, dtype=torch.bool)
+        batch[mask] = batch[mask].flip(-1)
+    return batch
+
+
+def find_images(root: Path) -> list[Path]:
+    """Every image file under `root`, recursively, in a stable (sorted) order."""
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Images read from files, cropped, resized and mapped to [-1, 1].
+
+    Args:
+        files: image paths.
+        image_size: output side length.
+        box: crop box applied before resizing (None: centred square of each image).
+        flip: mirror each image with probability 1/2 (training augmentation).
+        labels: optional (N, ...) tensor; items become (image, label) when given.
+
+    Items are (3, image_size, image_size) float tensors, or (image, label) tuples.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        image_size: int,
+        box: Box | None = None,
+        flip: bool = True,
+        labels: Tensor | None = None,
+    ) -> None:
+        self.files = list(files)
+        self.image_size = image_size
+        self.box = box
+        self.flip = flip
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def pixels(self, index: int) -> np.ndarray:
+        """(H, W, 3) uint8 pixels of item `index`, cropped and resized, not flipped."""
+        path = self.files[index]
+        try:
+            image = open_rgb(path)
+        except Exception as exc:
+            raise OSError(f"cannot read image {path}: {exc}") from None
+        return to_uint8(crop_resize(image, self.box, self.image_size))
+
+    def __getitem__(self, index: int):
+        flip = self.flip and bool(torch.rand(()) < 0.5)
+        image = to_tensor(self.pixels(index), flip=flip)
+        return image if self.labels is None else (image, self.labels[index])

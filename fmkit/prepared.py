@@ -1,0 +1,114 @@
+"""The prepared cache: a dataset decoded, cropped and resized once into a memory-mapped uint8
+array, which loads far faster than decoding image files every epoch.
+
+Layout of a prepared directory:
+    images.npy   (N, H, W, 3) uint8, opened with numpy's mmap_mode="r"
+    labels.npy   (N, ...) int64, when the source dataset had labels
+    meta.json    {"count", "image_size", "source": {...}} describing how it was made
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fmkit.errors import FmkitError
+from fmkit.images import batch_to_tensor, to_uint8
+
+META = "meta.json"
+
+
+def write_array(dataset, out: Path, source: dict, progress: bool = True) -> Path:
+    """Write every item of a map-style `dataset` (without flips) to `out`.
+
+    Items are (3, S, S) tensors in [-1, 1] or (image, label) tuples; a dataset with a
+    `pixels(index)` method is read as uint8 directly (no float round trip).
+    """
+    if not hasattr(dataset, "__len__") or len(dataset) == 0:
+        raise FmkitError("only a non-empty map-style dataset can be prepared")
+    out = Path(out)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    first = _pixels(dataset, 0)
+    images = np.lib.format.open_memmap(
+        staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(dataset), *first.shape)
+    )
+    labels = []
+    for i in tqdm(range(len(dataset)), desc="prepare", unit="img", disable=not progress):
+        images[i] = first if i == 0 else _pixels(dataset, i)
+        if getattr(dataset, "labels", None) is not None:
+            labels.append(np.asarray(dataset.labels[i]))
+    images.flush()
+    del images
+    if labels:
+        np.save(staging / "labels.npy", np.stack(labels).astype(np.int64))
+    meta = {"count": len(dataset), "image_size": int(first.shape[0]), "source": source}
+    (staging / META).write_text(json.dumps(meta, indent=2))
+    # Replace the old cache only once the new one is complete.
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
+
+
+def _pixels(dataset, index: int) -> np.ndarray:
+    if hasattr(dataset, "pixels"):
+        return dataset.pixels(index)
+    item = dataset[index]
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    return to_uint8(((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+class PreparedArray(torch.utils.data.Dataset):
+    """Reads a prepared directory. Items are (3, S, S) float tensors in [-1, 1] (or
+    (image, label)); `__getitems__` serves a whole batch with one array read.
+
+    Args:
+        root: the prepared directory.
+        image_size: must equal the size the cache was written at.
+        flip: random horizontal flips.
+        labels: return (image, label) items (needs labels.npy).
+    """
+
+    def __init__(self, root: Path, image_size: int, flip: bool = True, labels: bool = False):
+        root = Path(root)
+        if not (root / META).is_file():
+            raise FmkitError(f"{root} is not a prepared dataset (no {META}); see `fmkit prepare`")
+        self.meta = json.loads((root / META).read_text())
+        if self.meta["image_size"] != image_size:
+            raise FmkitError(
+                f"{root} was prepared at {self.meta['image_size']}x{self.meta['image_size']}, "
+                f"not {image_size}x{image_size}; prepare it again with --image-size {image_size}"
+            )
+        self.root = root
+        self.flip = flip
+        self.images = np.load(root / "images.npy", mmap_mode="r")  # (N, S, S, 3) uint8
+        self.labels = None
+        if labels:
+            if not (root / "labels.npy").is_file():
+                raise FmkitError(f"{root} was prepared without labels")
+            self.labels = torch.from_numpy(np.load(root / "labels.npy"))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        order = np.argsort(indices)  # sorted reads are sequential on disk
+        pixels = np.empty((len(indices), *self.images.shape[1:]), dtype=np.uint8)
+        pixels[order] = self.images[np.asarray(indices)[order]]
+        flips = torch.rand(len(indices)) < 0.5 if self.flip else None
+        batch: Tensor = batch_to_tensor(pixels, flips)  # (B, 3, S, S)
+        if self.labels is None:
+            return list(batch)
+        return list(zip(batch, self.labels[indices], strict=True))

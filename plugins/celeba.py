@@ -1,0 +1,202 @@
+"""The `celeba` dataset (Liu et al. 2015, "Deep Learning Face Attributes in the Wild"):
+202,599 aligned 178x218 faces, the official train/valid/test partition and 40 attributes,
+downloaded on first use."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fmkit import FmkitError, hookimpl
+from fmkit.download import DownloadError, download, md5sum
+from fmkit.images import Box, ImageFileDataset, center_square
+
+
+@dataclass(frozen=True)
+class CelebAFile:
+    name: str  # file name under <data-dir>/celeba/
+    gdrive_id: str  # id of the official Google Drive file
+    md5: str
+
+
+FILES = (
+    CelebAFile(
+        "img_align_celeba.zip", "0B7EVK8r0v71pZjFTYXZWM3FlRnM", "00d2c5bc6d35e252742224ab0c1e8fcb"
+    ),
+    CelebAFile(
+        "list_eval_partition.txt",
+        "0B7EVK8r0v71pY0NSMzRuSXJEVkk",
+        "d32c9cbf5e040fd4025c592c306e6668",
+    ),
+    CelebAFile(
+        "list_attr_celeba.txt", "0B7EVK8r0v71pblRyaVFSWGxPY0U", "75e246fa4810816ffd6ee81facbd244c"
+    ),
+)
+IMAGES_DIR = "img_align_celeba"
+GDRIVE_URL = "https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t"
+HF_MIRROR = "Yuehao/celeba"  # dataset repo holding the official files (checked by MD5)
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+WIDTH, HEIGHT = 178, 218
+
+# Crop boxes (left, top, right, bottom) on the 178x218 aligned images.
+CROPS: dict[str, Box] = {
+    "ddim": (25, 57, 153, 185),  # 128x128 centred at x=89, y=121 (DDIM, Song et al. 2021)
+    "center140": center_square(WIDTH, HEIGHT, 140),  # NCSN / score-SDE
+    "full": center_square(WIDTH, HEIGHT, WIDTH),  # the whole width, centred
+}
+
+
+def _valid(path: Path, md5: str) -> bool:
+    return path.is_file() and md5sum(path) == md5
+
+
+def _fetch(spec: CelebAFile, folder: Path, mirror_url: str | None, hf_repo: str, hf_revision: str):
+    """Get one file into `folder`, trying each source in turn; returns the failure reasons."""
+    dest = folder / spec.name
+    failures = []
+    sources = (
+        [("mirror", f"{mirror_url.rstrip('/')}/{spec.name}")]
+        if mirror_url
+        else [("Google Drive", GDRIVE_URL.format(id=spec.gdrive_id)), ("Hugging Face", None)]
+    )
+    for label, url in sources:
+        try:
+            if url is not None:
+                download(url, dest, spec.md5)
+            else:
+                _from_hub(spec, dest, hf_repo, hf_revision)
+            return []
+        except DownloadError as exc:
+            failures.append(f"{label}: {exc}")
+        except Exception as exc:  # hub client errors (offline, missing file, ...)
+            failures.append(f"{label} {hf_repo}: {type(exc).__name__}: {exc}".splitlines()[0])
+    return failures
+
+
+def _from_hub(spec: CelebAFile, dest: Path, repo: str, revision: str) -> None:
+    # hf_hub_download honours HF_HUB_OFFLINE and reuses the hub cache.
+    from huggingface_hub import hf_hub_download
+
+    cached = Path(hf_hub_download(repo, spec.name, repo_type="dataset", revision=revision))
+    if md5sum(cached) != spec.md5:
+        raise DownloadError(f"{spec.name} from {repo}@{revision} does not match the official MD5")
+    part = dest.with_name(dest.name + ".part")
+    shutil.copyfile(cached, part)
+    part.replace(dest)
+
+
+def prepare_files(
+    folder: Path, download_missing: bool, mirror_url: str | None, hf_repo: str, hf_revision: str
+) -> None:
+    """Make sure the partition, attributes and extracted images are in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images_ready = (folder / IMAGES_DIR).is_dir()
+    needed = [f for f in FILES if not (images_ready and f.name.endswith(".zip"))]
+    missing = [f for f in needed if not _valid(folder / f.name, f.md5)]
+    if missing and not download_missing:
+        raise FmkitError(_manual_help(folder, "downloading is turned off (download=False)"))
+    failures = []
+    for spec in missing:
+        failures += _fetch(spec, folder, mirror_url, hf_repo, hf_revision)
+    if failures:
+        raise FmkitError(_manual_help(folder, "; ".join(failures)))
+    if not images_ready:
+        _extract(folder / FILES[0].name, folder)
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    # Extract next to the target and rename at the end: an interrupted extraction never leaves
+    # a half-filled img_align_celeba/ that would later pass for complete.
+    staging = folder / ".extracting"
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(staging)
+    (staging / IMAGES_DIR).replace(folder / IMAGES_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _manual_help(folder: Path, reason: str) -> str:
+    names = ", ".join(f.name for f in FILES)
+    return (
+        f"could not get CelebA ({reason}). Download {names} from "
+        "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Img/ and Eval/, Anno/ folders) and "
+        f"put them in {folder.resolve()}/ (the zip may be replaced by its extracted folder "
+        f"{IMAGES_DIR}/); fmkit checks their MD5s and downloads nothing when they are there."
+    )
+
+
+def read_partition(path: Path) -> dict[str, int]:
+    """image name -> 0 (train), 1 (valid) or 2 (test)."""
+    parts = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            name, split = line.split()
+            parts[name] = int(split)
+    return parts
+
+
+def read_attributes(path: Path) -> tuple[list[str], dict[str, list[int]]]:
+    """Attribute names and image name -> 40 values in {0, 1} (the file stores -1 / 1)."""
+    lines = path.read_text().splitlines()
+    names = lines[1].split()
+    values = {}
+    for line in lines[2:]:
+        if line.strip():
+            image, *row = line.split()
+            values[image] = [int(v == "1") for v in row]
+    return names, values
+
+
+class CelebA(ImageFileDataset):
+    """CelebA aligned faces with the official partition; `attributes` names the 40 labels."""
+
+    attributes: list[str]
+
+
+def celeba(
+    *,
+    root: str,
+    image_size: int,
+    split: Literal["train", "valid", "test", "all"] = "train",
+    crop: Literal["ddim", "center140", "full"] = "ddim",
+    flip: bool = True,
+    labels: bool = False,
+    download: bool = True,
+    mirror_url: str | None = None,
+    hf_repo: str = HF_MIRROR,
+    hf_revision: str = "main",
+) -> CelebA:
+    """CelebA faces, downloaded on first use into DATA_DIR/celeba (official partition).
+
+    Options:
+        split: train (162,770), valid (19,867), test (19,962) or all.
+        crop: ddim (128x128 at x=89, y=121), center140, or full (centred 178x178).
+        labels: items become (image, 40 attributes in {0, 1}).
+        download: fetch missing files; mirror_url: fetch BASE/<file name> instead.
+    """
+    folder = Path(root) / "celeba"
+    prepare_files(folder, download, mirror_url, hf_repo, hf_revision)
+    partition = read_partition(folder / "list_eval_partition.txt")
+    names = sorted(n for n, s in partition.items() if split == "all" or s == SPLITS[split])
+    images = folder / IMAGES_DIR
+    missing = [n for n in names if not (images / n).is_file()]
+    if missing:
+        raise FmkitError(
+            f"{len(missing)} CelebA images of the {split} split are missing from {images} "
+            f"(first: {missing[0]}); delete the folder to extract it again"
+        )
+    attr_names, attrs = read_attributes(folder / "list_attr_celeba.txt")
+    label_tensor = torch.tensor([attrs[n] for n in names], dtype=torch.long) if labels else None
+    dataset = CelebA([images / n for n in names], image_size, CROPS[crop], flip, label_tensor)
+    dataset.attributes = attr_names
+    return dataset
+
+
+@hookimpl
+def register_datasets(register):
+    register("celeba", celeba)

@@ -20,6 +20,7 @@ from fmkit.path import PathSample, ProbabilityPath
 from fmkit.plugins import list_plugins, registry
 from fmkit.registry import Registry
 from fmkit.solver import Solution, Solver, Velocity, build_solver, integrate
+from fmkit.visualize import visualize_samples
 
 
 def __getattr__(name: str):
@@ -51,4 +52,5 @@ __all__ = [
     "parse_options",
     "registry",
     "sample_time",
+    "visualize_samples",
 ]

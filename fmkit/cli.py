@@ -8,12 +8,16 @@ from pathlib import Path
 
 import click
 
+from fmkit.config import TrainConfig
 from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
 from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import write_array
 from fmkit.registry import unknown_name_message
+from fmkit.sample import load_flow, sample_to_dir
+from fmkit.solver import build_solver
+from fmkit.train import resolve_device, train
 
 
 class FmkitGroup(click.Group):
@@ -105,6 +109,251 @@ def show_command(
     if kind == "backbones":
         count = sum(p.numel() for p in built.parameters())
         click.echo(f"parameters: {count:,} ({count / 1e6:.1f}M) at {image_size}x{image_size}")
+
+
+def _opt_flag(kind: str):
+    return click.option(
+        f"--{kind}-opt",
+        f"{kind}_opts",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help=f"Option for the {kind} (repeatable; see `fmkit show {kind}s NAME`).",
+    )
+
+
+_DEFAULTS = TrainConfig()
+
+
+@cli.command("train")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file with the same keys as the flags; flags override it.",
+)
+@click.option(
+    "--backbone",
+    default=_DEFAULTS.backbone,
+    show_default=True,
+    help="Registered backbone (fmkit list backbones).",
+)
+@click.option(
+    "--dataset",
+    default=_DEFAULTS.dataset,
+    show_default=True,
+    help="Registered dataset (fmkit list datasets).",
+)
+@click.option(
+    "--path",
+    "path_name",
+    default=_DEFAULTS.path,
+    show_default=True,
+    help="Registered probability path.",
+)
+@_opt_flag("backbone")
+@_opt_flag("dataset")
+@_opt_flag("path")
+@click.option("--data-dir", default=_DEFAULTS.data_dir, show_default=True, help="Dataset root.")
+@click.option(
+    "--image-size", default=_DEFAULTS.image_size, show_default=True, type=click.IntRange(1)
+)
+@click.option(
+    "--batch-size", default=_DEFAULTS.batch_size, show_default=True, type=click.IntRange(1)
+)
+@click.option("--epochs", default=_DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-steps", type=click.IntRange(1), help="Stop after N optimizer steps (overrides --epochs)."
+)
+@click.option(
+    "--lr", default=_DEFAULTS.lr, show_default=True, type=click.FloatRange(0, min_open=True)
+)
+@click.option(
+    "--warmup-steps", default=_DEFAULTS.warmup_steps, show_default=True, type=click.IntRange(0)
+)
+@click.option(
+    "--grad-clip",
+    default=_DEFAULTS.grad_clip,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Max gradient norm (0: off).",
+)
+@click.option(
+    "--ema-decay", default=_DEFAULTS.ema_decay, show_default=True, type=click.FloatRange(0, 1)
+)
+@click.option(
+    "--time-sampling",
+    default=_DEFAULTS.time_sampling,
+    show_default=True,
+    type=click.Choice(["uniform", "logit_normal"]),
+)
+@click.option(
+    "--save-every",
+    default=_DEFAULTS.save_every,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Checkpoint every N epochs (0: off).",
+)
+@click.option(
+    "--sample-every",
+    default=_DEFAULTS.sample_every,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Sample grid every N epochs (0: off).",
+)
+@click.option("--save-every-steps", type=click.IntRange(1), help="Checkpoint every N steps.")
+@click.option("--sample-every-steps", type=click.IntRange(1), help="Sample grid every N steps.")
+@click.option(
+    "--num-samples",
+    default=_DEFAULTS.num_samples,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Images per grid.",
+)
+@click.option(
+    "--sample-steps",
+    default=_DEFAULTS.sample_steps,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Euler steps for grids.",
+)
+@click.option(
+    "--log-every",
+    default=_DEFAULTS.log_every,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Steps per metrics.jsonl line.",
+)
+@click.option("--output", default=_DEFAULTS.output, show_default=True, help="Run directory.")
+@click.option("--seed", default=_DEFAULTS.seed, show_default=True, type=int)
+@click.option(
+    "--device",
+    default=_DEFAULTS.device,
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+)
+@click.option(
+    "--num-workers", default=_DEFAULTS.num_workers, show_default=True, type=click.IntRange(0)
+)
+@click.option(
+    "--precision",
+    default=_DEFAULTS.precision,
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16"]),
+)
+@click.option(
+    "--compile/--no-compile",
+    default=_DEFAULTS.compile,
+    show_default=True,
+    help="torch.compile the backbone.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.pass_context
+def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **flags) -> None:
+    """Train a flow-matching model; writes checkpoints, sample grids and metrics to --output.
+
+    Example: fmkit train --backbone unet --dataset celeba
+    """
+    values = _read_toml(config_file) if config_file else {}
+    for name, value in flags.items():
+        key = "path" if name == "path_name" else name
+        given = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        if key.endswith("_opts"):
+            parsed = parse_options(value, f"--{key[:-5]}-opt")
+            values[key] = {**values.get(key, {}), **parsed}
+        elif given or key not in values:
+            values[key] = value
+    for key in ("save_every", "sample_every", "grad_clip"):
+        if values.get(key) == 0:
+            values[key] = None
+    cfg = TrainConfig.from_dict(values)
+    final = train(cfg, resume=resume, progress=True)
+    click.echo(f"final checkpoint: {final}")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FmkitError(f"{path}: {exc}") from None
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(TrainConfig().to_dict()))
+    if unknown:
+        raise FmkitError(
+            f"{path}: unknown key '{unknown[0]}'; keys are the train flags, e.g. batch_size"
+        )
+    return data
+
+
+@cli.command("sample")
+@click.option(
+    "--checkpoint",
+    "ckpt",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Checkpoint file, or a run directory (its newest checkpoint).",
+)
+@click.option(
+    "--solver", default="euler", show_default=True, help="Registered solver (fmkit list solvers)."
+)
+@click.option(
+    "--steps",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Steps of a fixed-step solver.",
+)
+@_opt_flag("solver")
+@click.option("--num-samples", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
+@click.option(
+    "--output",
+    default="samples",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option(
+    "--trajectory",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Save a strip of K states from noise to image (K >= 2).",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+def sample_command(
+    ckpt, solver, steps, solver_opts, num_samples, batch_size, seed, ema, output, trajectory, device
+) -> None:
+    """Generate images from a checkpoint with any ODE solver; prints the NFE of each batch.
+
+    Example: fmkit sample --checkpoint results --solver dopri5
+    """
+    flow, cfg, _ = load_flow(ckpt, ema=ema, device=resolve_device(device))
+    built = build_solver(solver, steps=steps, options=parse_options(solver_opts, "--solver-opt"))
+    if built.adaptive:
+        click.echo(f"note: {solver} is adaptive; --steps is ignored")
+    report = sample_to_dir(
+        flow,
+        built,
+        output,
+        num_samples,
+        batch_size,
+        cfg.image_size,
+        cfg.channels,
+        seed,
+        trajectory,
+        click.echo,
+    )
+    click.echo(
+        f"{report.images} images in {output}/ ({solver}, mean NFE {sum(report.nfe) / len(report.nfe):.1f}); "
+        f"{report.seconds:.2f} s, {report.images / report.seconds:.1f} images/s"
+    )
 
 
 class PrepareGroup(click.Group):

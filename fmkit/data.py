@@ -19,9 +19,10 @@ def build_dataset(
     options: dict[str, Any] | None = None,
     flip: bool | None = None,
 ):
-    """The registered dataset `name`. `flip` (when not None) sets the dataset's flip option,
+    """The registered dataset `name`; a `split` in `options` overrides `split`. `flip` (when not None) sets the dataset's flip option,
     if it has one and the user did not set it."""
     options = dict(options or {})
+    split = options.pop("split", split)  # `--dataset-opt split=valid` chooses the split
     factory = registry("datasets").get(name).factory
     if flip is not None and "flip" in inspect.signature(factory).parameters:
         options.setdefault("flip", flip)

@@ -51,7 +51,8 @@ def one_line_error(result) -> str:
     output = result.output if hasattr(result, "output") else result
     assert result.exit_code != 0, output
     assert "Traceback" not in output, output
-    lines = [line for line in output.splitlines() if line.strip()]
+    # Progress-bar lines (tqdm, "%|") may precede the error; they are not error output.
+    lines = [line for line in output.splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1, output
     assert lines[0].startswith("Error: "), output
     return lines[0]

@@ -1,0 +1,49 @@
+"""Training configuration: one dataclass, stored in checkpoints as a dict, rebuilt with
+`TrainConfig(**d)`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "unet"  # registered backbone name
+    backbone_opts: dict = field(default_factory=dict)  # options for the backbone factory
+    dataset: str = "celeba"  # registered dataset name
+    dataset_opts: dict = field(default_factory=dict)  # options for the dataset factory
+    path: str = "linear"  # registered probability path name
+    path_opts: dict = field(default_factory=dict)  # options for the path factory
+    data_dir: str = "./data"  # dataset root (celeba downloads into DATA_DIR/celeba)
+    image_size: int = 64  # training resolution (square)
+    channels: int = 3  # image channels
+    batch_size: int = 32  # images per optimizer step
+    epochs: int = 50  # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None  # stop after this many optimizer steps (None: use epochs)
+    lr: float = 1e-4  # AdamW learning rate after warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up from 0 (0: none)
+    grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
+    ema_decay: float = 0.9999  # target EMA decay; warms up as min(decay, (1+n)/(10+n))
+    time_sampling: str = "uniform"  # training times: uniform or logit_normal
+    save_every: int | None = 10  # checkpoint every N epochs (None: off)
+    sample_every: int | None = 5  # sample grid every N epochs (None: off)
+    save_every_steps: int | None = None  # checkpoint every N steps (None: off)
+    sample_every_steps: int | None = None  # sample grid every N steps (None: off)
+    num_samples: int = 64  # images in each sample grid
+    sample_steps: int = 100  # Euler steps for grids
+    log_every: int = 50  # steps between metrics.jsonl lines
+    output: str = "results"  # run directory
+    seed: int = 0  # seeds data order, noise, times and initialisation
+    device: str = "auto"  # auto, cpu or cuda
+    num_workers: int = 0  # DataLoader worker processes
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16
+    compile: bool = False  # torch.compile the backbone for training
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,30 @@
+"""Sample grids and image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+from torchvision.utils import save_image
+
+
+def visualize_samples(samples: Tensor, save_path: str | Path, nrow: int = 8) -> Path:
+    """Save (N, C, H, W) images in [-1, 1] as one grid PNG (the seed's API)."""
+    path = Path(save_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(to_unit(samples), path, nrow=nrow, padding=2)
+    return path
+
+
+def to_unit(samples: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1], clamped, float32 on the CPU."""
+    return ((samples.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def trajectory_strip(trajectory: Tensor, save_path: str | Path) -> Path:
+    """(K, N, C, H, W) states -> one PNG: a row per sample, K columns from noise to image."""
+    k, n = trajectory.shape[:2]
+    rows = trajectory.transpose(0, 1).reshape(n * k, *trajectory.shape[2:])
+    path = Path(save_path)
+    save_image(to_unit(rows), path, nrow=k, padding=2)
+    return path

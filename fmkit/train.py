@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from fmkit import __version__ as fmkit_version
 from fmkit import checkpoint
 from fmkit.config import TrainConfig
 from fmkit.data import build_dataset, make_loader
@@ -90,6 +91,15 @@ def component_info(kind: str, name: str) -> dict:
     }
 
 
+def _tensorboard(out: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train `cfg.backbone` on `cfg.dataset`; returns the final checkpoint's path.
 
@@ -98,6 +108,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     (.png, from the EMA weights) and metrics.jsonl.
     """
     out = Path(cfg.output)
+    if not resume and any(out.glob("checkpoint_*.safetensors")):
+        # Never overwrite an earlier run's checkpoints by accident.
+        raise FmkitError(
+            f"{out} already holds checkpoints; pass --resume to continue that run, "
+            "or choose another --output"
+        )
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -194,7 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 "dataset": component_info("datasets", cfg.dataset),
                 "path": component_info("paths", cfg.path),
             },
-            "fmkit_version": plugin_info("fmkit_plugins.unet").version,
+            "fmkit_version": fmkit_version,
         }
         return checkpoint.save(out / f"checkpoint_{name}.safetensors", tensors, meta)
 
@@ -210,6 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     last_saved: Path | None = checkpoint.find_latest(out) if resume else None
     metrics = open(out / "metrics.jsonl", "a")
+    board = _tensorboard(out)
     window_start, window_images = time.perf_counter(), 0
     done = cfg.max_steps is not None and step >= cfg.max_steps
     try:
@@ -270,6 +287,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     }
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                    if board is not None:
+                        for key in ("loss", "lr", "grad_norm", "images_per_s"):
+                            board.add_scalar(f"train/{key}", row[key], step)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                     window_start, window_images = time.perf_counter(), 0
                 if due(cfg.sample_every_steps, step):
@@ -294,6 +314,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     finally:
         metrics.close()
         bar.close()
+        if board is not None:
+            board.close()
 
     # Save the final model and grid.
     final = save("final")

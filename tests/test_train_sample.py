@@ -335,3 +335,12 @@ def test_bad_train_flags_are_one_line_errors(tmp_path, faces, run_cli):
     assert "unknown dataset 'celbea'; did you mean 'celeba'?" in one_line_error(
         run_cli("train", "--dataset", "celbea")
     )
+
+
+def test_a_new_run_never_overwrites_earlier_checkpoints(tmp_path, faces, run_cli):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(faces, out, "--max-steps", 1)).exit_code == 0
+    before = (out / "checkpoint_final.safetensors").read_bytes()
+    line = one_line_error(run_cli(*train_args(faces, out, "--max-steps", 2)))
+    assert "already holds checkpoints; pass --resume" in line
+    assert (out / "checkpoint_final.safetensors").read_bytes() == before

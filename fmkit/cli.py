@@ -10,6 +10,7 @@ import click
 
 from fmkit.config import TrainConfig
 from fmkit.data import build_dataset
+from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
@@ -158,7 +159,18 @@ _DEFAULTS = TrainConfig()
     "--image-size", default=_DEFAULTS.image_size, show_default=True, type=click.IntRange(1)
 )
 @click.option(
-    "--batch-size", default=_DEFAULTS.batch_size, show_default=True, type=click.IntRange(1)
+    "--batch-size",
+    default=_DEFAULTS.batch_size,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Global batch: split over torchrun processes and --grad-accum micro-batches.",
+)
+@click.option(
+    "--grad-accum",
+    default=_DEFAULTS.grad_accum,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Micro-batches per optimizer step.",
 )
 @click.option("--epochs", default=_DEFAULTS.epochs, show_default=True, type=click.IntRange(1))
 @click.option(
@@ -241,6 +253,13 @@ _DEFAULTS = TrainConfig()
     type=click.Choice(["auto", "fp32", "bf16"]),
 )
 @click.option(
+    "--dist-timeout",
+    default=_DEFAULTS.dist_timeout,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds a rank waits for the others under torchrun before failing.",
+)
+@click.option(
     "--compile/--no-compile",
     default=_DEFAULTS.compile,
     show_default=True,
@@ -267,7 +286,8 @@ def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **
             values[key] = None
     cfg = TrainConfig.from_dict(values)
     final = train(cfg, resume=resume, progress=True)
-    click.echo(f"final checkpoint: {final}")
+    if from_environment().is_main:
+        click.echo(f"final checkpoint: {final}")
 
 
 def _read_toml(path: Path) -> dict:

@@ -17,7 +17,8 @@ class TrainConfig:
     data_dir: str = "./data"  # dataset root (celeba downloads into DATA_DIR/celeba)
     image_size: int = 64  # training resolution (square)
     channels: int = 3  # image channels
-    batch_size: int = 32  # images per optimizer step
+    batch_size: int = 32  # images per optimizer step, over all processes (global batch)
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step (per process)
     epochs: int = 50  # passes over the data (ignored when max_steps is set)
     max_steps: int | None = None  # stop after this many optimizer steps (None: use epochs)
     lr: float = 1e-4  # AdamW learning rate after warm-up
@@ -39,6 +40,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16
     compile: bool = False  # torch.compile the backbone for training
+    dist_timeout: float = 600.0  # seconds a rank waits for the others before failing
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:

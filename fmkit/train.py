@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import math
 import time
@@ -10,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from fmkit import __version__ as fmkit_version
-from fmkit import checkpoint
+from fmkit import checkpoint, distributed
 from fmkit.config import TrainConfig
 from fmkit.data import build_dataset, make_loader
 from fmkit.errors import FmkitError
@@ -49,22 +53,42 @@ class EMA:
 
 
 class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on (seed, epoch) and can start mid-epoch, so a resumed
-    run reads exactly the batches the uninterrupted run would have read."""
+    """This rank's share of a shuffled order that depends only on (seed, epoch).
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
-        self.epoch, self.start = 0, 0
+    Global batch k is positions [k*B, (k+1)*B) of the epoch's permutation; rank r reads its
+    contiguous slice of B / world of it. So the data of a step does not depend on the number of
+    processes, every rank gets the same number of batches, and a run can start mid-epoch.
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    Args:
+        size: dataset length.
+        seed: run seed.
+        global_batch: B, images per optimizer step over all ranks.
+        rank, world_size: this process and the number of processes.
+    """
+
+    def __init__(self, size: int, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.global_batch = size, seed, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches(self) -> int:
+        """Full global batches in an epoch."""
+        return self.size // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(self.size, generator=gen)[self.start :].tolist()
+        order = torch.randperm(self.size, generator=gen)
+        local = self.global_batch // self.world_size
+        for k in range(self.start_batch, self.batches):
+            first = k * self.global_batch + self.rank * local
+            yield from order[first : first + local].tolist()
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return (self.batches - self.start_batch) * (self.global_batch // self.world_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,10 +127,27 @@ def _tensorboard(out: Path):
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train `cfg.backbone` on `cfg.dataset`; returns the final checkpoint's path.
 
-    Outputs in `cfg.output`: config.json, checkpoint_epoch_N / checkpoint_step_N /
-    checkpoint_final (.safetensors), samples_epoch_N / samples_step_N / final_samples_grid
-    (.png, from the EMA weights) and metrics.jsonl.
+    Under torchrun every process calls this; rank 0 alone writes outputs. Outputs in
+    `cfg.output`: config.json, checkpoint_epoch_N / checkpoint_step_N / checkpoint_final
+    (.safetensors), samples_epoch_N / samples_step_N / final_samples_grid (.png, from the EMA
+    weights) and metrics.jsonl.
     """
+    info = distributed.from_environment()
+    try:
+        return _train(cfg, resume, progress, info)
+    except FmkitError as exc:
+        raise FmkitError(f"rank {info.rank}: {exc}" if info.enabled else str(exc)) from None
+    except dist.DistBackendError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FmkitError(
+            f"rank {info.rank}: lost contact with another rank, which probably died ({first}); "
+            "the checkpoints written so far are intact"
+        ) from None
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.DistInfo) -> Path:
     out = Path(cfg.output)
     if not resume and any(out.glob("checkpoint_*.safetensors")):
         # Never overwrite an earlier run's checkpoints by accident.
@@ -114,8 +155,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             f"{out} already holds checkpoints; pass --resume to continue that run, "
             "or choose another --output"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    if cfg.batch_size % (info.world_size * cfg.grad_accum):
+        raise FmkitError(
+            f"--batch-size {cfg.batch_size} is the global batch; it must divide evenly over "
+            f"{info.world_size} process(es) x --grad-accum {cfg.grad_accum}"
+        )
+    local_batch = cfg.batch_size // info.world_size  # this rank's images per step
+    micro_batch = local_batch // cfg.grad_accum  # images per forward/backward
+    device = distributed.init(info, resolve_device(cfg.device), cfg.dist_timeout)
+    main = info.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -134,31 +184,38 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
+    trained: nn.Module = model
+    if info.enabled:  # gradients are averaged over ranks during backward
+        trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        trained = torch.compile(trained)
     flow = FlowMatching(
-        torch.compile(model) if cfg.compile else model,
-        registry("paths").build(cfg.path, cfg.path_opts),
-        time_sampling=cfg.time_sampling,
+        trained, registry("paths").build(cfg.path, cfg.path_opts), time_sampling=cfg.time_sampling
     )
+
     # Load dataset.
     dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, "train", cfg.dataset_opts)
     iterable = isinstance(dataset, IterableDataset)
-    sampler = None if iterable else EpochSampler(len(dataset), cfg.seed)
-    loader = make_loader(
-        dataset,
-        cfg.batch_size,
-        cfg.num_workers,
-        sampler=sampler,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
     if not iterable and len(dataset) < cfg.batch_size:
         raise FmkitError(
             f"the dataset has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}"
         )
-
-    step, epoch, batch_in_epoch = 0, 0, 0
+    sampler = None
+    if not iterable:
+        sampler = EpochSampler(len(dataset), cfg.seed, cfg.batch_size, info.rank, info.world_size)
+    loader = make_loader(
+        dataset,
+        micro_batch,
+        cfg.num_workers,
+        sampler=sampler,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed + info.rank),
+    )
 
     # Resume from the newest checkpoint in the run directory.
+    step, epoch, batch_in_epoch = 0, 0, 0
     if resume and (latest := checkpoint.find_latest(out)) is not None:
         tensors, meta = checkpoint.load(latest)
         try:
@@ -169,32 +226,48 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 f"{latest} holds a different architecture than the flags ask for"
             ) from None
         checkpoint.load_optimizer(optimizer, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
         step, epoch, batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         ema.updates = meta["ema_updates"]
-        print(f"resumed from {latest} at step {step} (epoch {epoch})")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        saved_world = meta.get("world_size", 1)
+        if saved_world == info.world_size:
+            torch.set_rng_state(tensors[f"rng.torch.{info.rank}"])
+            note = ""
+        else:
+            note = (
+                f"; it was written by {saved_world} process(es), this run has {info.world_size}: "
+                "the data order is kept but random flips and dropout differ, so it is not bit-exact"
+            )
+        if main:
+            print(f"resumed from {latest} at step {step} (epoch {epoch}){note}")
+    if main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    steps_per_epoch = None if iterable else len(dataset) // cfg.batch_size
-    total = (
-        cfg.max_steps
-        if cfg.max_steps is not None
-        else (steps_per_epoch * cfg.epochs if steps_per_epoch else None)
-    )
+    steps_per_epoch = sampler.batches if sampler is not None else None
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        total = steps_per_epoch * cfg.epochs if steps_per_epoch else None
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
     grid_noise = torch.randn(
-        cfg.num_samples,
-        cfg.channels,
-        cfg.image_size,
-        cfg.image_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        cfg.num_samples, *shape, generator=torch.Generator().manual_seed(cfg.seed)
     )
     grid_solver = build_solver("euler", steps=cfg.sample_steps)
+    components = {
+        "backbone": component_info("backbones", cfg.backbone),
+        "dataset": component_info("datasets", cfg.dataset),
+        "path": component_info("paths", cfg.path),
+    }
 
     def save(name: str) -> Path:
+        # Collective: every rank sends its RNG state, rank 0 writes the file.
+        rng_states = distributed.gather_rng_states(info)
+        path = out / f"checkpoint_{name}.safetensors"
+        if not main:
+            return path
         tensors = {
             **checkpoint.pack_state("model", model.state_dict()),
             **checkpoint.pack_state("ema", ema.model.state_dict()),
-            "rng.torch": torch.get_rng_state(),
+            **{f"rng.torch.{r}": state for r, state in enumerate(rng_states)},
         }
         opt_tensors, opt_groups = checkpoint.optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
@@ -204,83 +277,110 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
             "ema_updates": ema.updates,
+            "world_size": info.world_size,
             "optimizer": opt_groups,
-            "components": {
-                "backbone": component_info("backbones", cfg.backbone),
-                "dataset": component_info("datasets", cfg.dataset),
-                "path": component_info("paths", cfg.path),
-            },
+            "components": components,
             "fmkit_version": fmkit_version,
         }
-        return checkpoint.save(out / f"checkpoint_{name}.safetensors", tensors, meta)
+        return checkpoint.save(path, tensors, meta)
 
     def sample_grid(name: str) -> None:
-        generator = FlowMatching(ema.model, flow.path)
-        images = generator.generate(grid_noise.to(device), grid_solver).x
-        visualize_samples(images, out / f"{name}.png", nrow=int(math.sqrt(cfg.num_samples)) or 1)
+        if main:
+            images = (
+                FlowMatching(ema.model, flow.path).generate(grid_noise.to(device), grid_solver).x
+            )
+            visualize_samples(
+                images, out / f"{name}.png", nrow=int(math.sqrt(cfg.num_samples)) or 1
+            )
 
     def due(every: int | None, count: int) -> bool:
         return every is not None and every > 0 and count % every == 0
 
     # Train.
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=step, disable=not (progress and main), unit="step", dynamic_ncols=True
+    )
     last_saved: Path | None = checkpoint.find_latest(out) if resume else None
-    metrics = open(out / "metrics.jsonl", "a")
-    board = _tensorboard(out)
+    metrics = open(out / "metrics.jsonl", "a") if main else None
+    board = _tensorboard(out) if main else None
     window_start, window_images = time.perf_counter(), 0
     done = cfg.max_steps is not None and step >= cfg.max_steps
     try:
         while not done and (cfg.max_steps is not None or epoch < cfg.epochs):
             if sampler is not None:
-                sampler.set_epoch(epoch, batch_in_epoch * cfg.batch_size)
+                sampler.set_epoch(epoch, batch_in_epoch)
             elif hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
-            batches_this_epoch = 0
-            for batch in loader:
-                batches_this_epoch += 1
-                x1 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(
-                    device, non_blocking=True
-                )
-                if device.type == "cuda":
-                    x1 = x1.contiguous(memory_format=torch.channels_last)
+            batches = iter(loader)
+            steps_this_epoch = 0
+            while True:
+                micro = list(itertools.islice(batches, cfg.grad_accum))
+                have = len(micro) == cfg.grad_accum
+                if iterable:  # shards may give ranks unequal counts: stop together
+                    have = bool(distributed.all_min(int(have), info))
+                if not have:
+                    break
+                # Noise and times for the whole global batch; this rank takes its slice, so a
+                # step's draws do not depend on the number of processes.
                 gen = step_generator(cfg.seed, step)
-                noise = torch.randn(x1.shape, generator=gen).to(device)
-                t = sample_time(x1.shape[0], cfg.time_sampling, generator=gen).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = flow.loss(x1, noise=noise, t=t)
-                if not torch.isfinite(loss):
+                noise = torch.randn((cfg.batch_size, *shape), generator=gen)
+                times = sample_time(cfg.batch_size, cfg.time_sampling, generator=gen)
+                loss_sum = torch.zeros((), device=device)
+                for m, batch in enumerate(micro):
+                    x1 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(
+                        device, non_blocking=True
+                    )
+                    if device.type == "cuda":
+                        x1 = x1.contiguous(memory_format=torch.channels_last)
+                    lo = info.rank * local_batch + m * micro_batch
+                    sync = m == len(micro) - 1 or not info.enabled
+                    with (
+                        contextlib.nullcontext() if sync else trained.no_sync(),
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+                    ):
+                        loss = flow.loss(
+                            x1,
+                            noise=noise[lo : lo + micro_batch].to(device),
+                            t=times[lo : lo + micro_batch].to(device),
+                        )
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach() / cfg.grad_accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf")
+                )
+                # Gradients are averaged over ranks, so a non-finite one stops every rank alike.
+                if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                     kept = (
                         f"the last good checkpoint is {last_saved}"
                         if last_saved
                         else "no checkpoint was written yet"
                     )
-                    raise FmkitError(
-                        f"loss became {loss.item()} at step {step + 1}; stopped, {kept}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf")
-                )
+                    value = loss_sum.item() if not torch.isfinite(loss_sum) else grad_norm.item()
+                    what = "loss" if not torch.isfinite(loss_sum) else "gradient norm"
+                    raise FmkitError(f"{what} became {value} at step {step + 1}; stopped, {kept}")
                 lr = (
                     cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 ema.update(model)
                 step += 1
                 batch_in_epoch += 1
-                window_images += x1.shape[0]
+                steps_this_epoch += 1
+                window_images += cfg.batch_size
                 bar.update(1)
 
                 # Log, sample and save on step intervals.
                 if due(cfg.log_every, step):
+                    loss_sum = distributed.mean(loss_sum, info)  # collective: every rank
+                if main and due(cfg.log_every, step):
                     elapsed = time.perf_counter() - window_start
                     row = {
                         "step": step,
                         "epoch": epoch,
-                        "loss": loss.item(),
+                        "loss": loss_sum.item(),
                         "lr": lr,
                         "grad_norm": grad_norm.item(),
                         "images_per_s": window_images / elapsed,
@@ -299,20 +399,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     done = True
                     break
-            else:
-                # Epoch finished: sample and save on epoch intervals.
-                if batches_this_epoch == 0 and batch_in_epoch == 0:
-                    raise FmkitError(
-                        f"dataset '{cfg.dataset}' gave no full batch of {cfg.batch_size}"
-                    )
-                epoch += 1
-                batch_in_epoch = 0
-                if due(cfg.sample_every, epoch):
-                    sample_grid(f"samples_epoch_{epoch}")
-                if due(cfg.save_every, epoch):
-                    last_saved = save(f"epoch_{epoch}")
+            if done:
+                break
+            # Epoch finished: sample and save on epoch intervals.
+            if steps_this_epoch == 0 and batch_in_epoch == 0:
+                raise FmkitError(f"dataset '{cfg.dataset}' gave no full batch of {cfg.batch_size}")
+            epoch += 1
+            batch_in_epoch = 0
+            if due(cfg.sample_every, epoch):
+                sample_grid(f"samples_epoch_{epoch}")
+            if due(cfg.save_every, epoch):
+                last_saved = save(f"epoch_{epoch}")
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         bar.close()
         if board is not None:
             board.close()

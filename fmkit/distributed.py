@@ -1,0 +1,99 @@
+"""Running under torchrun: process-group set-up and teardown, and who writes what.
+
+torchrun (single node or multi-node) sets RANK, LOCAL_RANK and WORLD_SIZE; fmkit reads them,
+initialises NCCL on CUDA or gloo on the CPU, and wraps the model in DistributedDataParallel.
+No launcher of our own: `torchrun --nproc-per-node 8 -m fmkit train ...`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fmkit.errors import FmkitError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0  # global rank
+    local_rank: int = 0  # rank on this node (picks the GPU)
+    world_size: int = 1  # processes in the job
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def from_environment() -> DistInfo:
+    """Rank, local rank and world size set by torchrun (a single process when unset)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise FmkitError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
+    return DistInfo(rank, local, world)
+
+
+def init(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> torch.device:
+    """Join the process group (if the job has several processes); returns this rank's device.
+
+    A rank that dies makes the others' collectives fail after `timeout_s` at the latest, instead
+    of waiting forever.
+    """
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return device
+
+
+def shutdown() -> None:
+    """Leave the process group; safe to call when none was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_min(value: int, info: DistInfo) -> int:
+    """The smallest `value` over all ranks (e.g. "does every rank still have a batch?")."""
+    if not info.enabled:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return int(flag.item())
+
+
+def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a scalar tensor over all ranks (for logging)."""
+    if not info.enabled:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / info.world_size
+
+
+def gather_rng_states(info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's torch CPU RNG state (rank order), so resuming on N processes is exact."""
+    state = torch.get_rng_state()
+    if not info.enabled:
+        return [state]
+    states = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states

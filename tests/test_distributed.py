@@ -1,0 +1,259 @@
+"""torchrun on the CPU with gloo: 2 processes train like 1, resume, read shards, and fail fast."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_plugin_distribution, write_image
+
+from fmkit import checkpoint
+
+TINY = [
+    "--backbone-opt",
+    "base_channels=8",
+    "--backbone-opt",
+    "channel_mult=1,2",
+    "--backbone-opt",
+    "attn_resolutions=8",
+    "--backbone-opt",
+    "num_res_blocks=1",
+    "--backbone-opt",
+    "dropout=0.0",  # dropout draws per-rank randomness
+]
+
+
+def env(extra=None):
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FMKIT_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
+    e["FMKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    e.update(extra or {})
+    return e
+
+
+def fmkit(*args, procs=1, extra_env=None, timeout=240):
+    launcher = [sys.executable, "-m", "fmkit"]
+    if procs > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            "-m",
+            "fmkit",
+        ]
+    return subprocess.run(
+        [*launcher, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env(extra_env),
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    for i in range(32):
+        write_image(
+            root / f"{i:02d}.png", size=(18, 18), color=(i * 8, 255 - i * 8, (i * 40) % 255)
+        )
+    return root
+
+
+def train_args(faces, out, *extra):
+    return [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        faces,
+        "--dataset-opt",
+        "flip=false",
+        "--image-size",
+        16,
+        "--batch-size",
+        8,
+        "--num-samples",
+        2,
+        "--sample-steps",
+        2,
+        "--log-every",
+        1,
+        "--output",
+        out,
+        *TINY,
+        *extra,
+    ]
+
+
+def weights(path):
+    tensors, meta = checkpoint.load(path)
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}, meta
+
+
+def assert_close(a, b, exact=False):
+    assert a.keys() == b.keys()
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_processes_match_one_and_grad_accum(tmp_path, faces):
+    one = fmkit(*train_args(faces, tmp_path / "one", "--max-steps", 5))
+    assert one.returncode == 0, one.stderr
+    two = fmkit(*train_args(faces, tmp_path / "two", "--max-steps", 5), procs=2)
+    assert two.returncode == 0, two.stderr
+    accum = fmkit(*train_args(faces, tmp_path / "accum", "--max-steps", 5, "--grad-accum", 2))
+    assert accum.returncode == 0, accum.stderr
+    # One checkpoint, written once; one metrics line per step.
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == [
+        "checkpoint_final.safetensors"
+    ]
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 5
+    assert two.stdout.count("final checkpoint:") == 1
+    ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
+    got, meta = weights(tmp_path / "two" / "checkpoint_final.safetensors")
+    assert meta["world_size"] == 2
+    assert_close(ref, got)
+    assert_close(ref, weights(tmp_path / "accum" / "checkpoint_final.safetensors")[0])
+
+
+def test_resume_on_two_processes_is_exact_and_on_one_says_so(tmp_path, faces):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert fmkit(*train_args(faces, full, "--max-steps", 6), procs=2).returncode == 0
+    assert fmkit(*train_args(faces, split, "--max-steps", 3), procs=2).returncode == 0
+    resumed = fmkit(*train_args(faces, split, "--max-steps", 6, "--resume"), procs=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_close(
+        weights(full / "checkpoint_final.safetensors")[0],
+        weights(split / "checkpoint_final.safetensors")[0],
+        exact=True,
+    )
+    other = fmkit(*train_args(faces, split, "--max-steps", 8, "--resume"))
+    assert other.returncode == 0, other.stderr
+    assert (
+        "written by 2 process(es), this run has 1" in other.stdout
+        and "not bit-exact" in other.stdout
+    )
+
+
+def test_batch_must_divide_over_processes(tmp_path, faces):
+    result = fmkit(
+        *train_args(faces, tmp_path / "r", "--max-steps", 1, "--batch-size", 6, "--grad-accum", 2),
+        procs=2,
+    )
+    assert result.returncode != 0
+    assert "must divide evenly over 2 process(es) x --grad-accum 2" in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("Error: rank")]
+    assert len(ours) == 2  # one line per rank; torchrun's own failure report follows
+    assert not any(
+        "fmkit/" in line for line in result.stderr.splitlines() if line.strip().startswith("File")
+    )
+
+
+def test_webdataset_two_ranks_two_workers_unequal_shards_do_not_hang(tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    index = 0
+    for s, count in enumerate([9, 5, 7, 3]):  # unequal on purpose
+        with wds.TarWriter(str(shards / f"train-{s:06d}.tar")) as sink:
+            for _ in range(count):
+                jpg = io.BytesIO()
+                Image.new("RGB", (16, 16), (index * 9 % 255, 40, 90)).save(jpg, format="JPEG")
+                sink.write({"__key__": f"{index:06d}", "jpg": jpg.getvalue(), "cls": index})
+                index += 1
+    result = fmkit(
+        "train",
+        "--dataset",
+        "imagenet",
+        "--data-dir",
+        shards,
+        "--image-size",
+        16,
+        "--batch-size",
+        4,
+        "--epochs",
+        2,
+        "--num-workers",
+        2,
+        "--num-samples",
+        1,
+        "--sample-steps",
+        1,
+        "--save-every",
+        1,
+        "--output",
+        tmp_path / "run",
+        *TINY,
+        procs=2,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "checkpoint_epoch_2.safetensors").is_file()
+
+
+DYING = """
+import os
+import torch
+from fmkit import hookimpl
+
+class Dying(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls == 3:
+            os._exit(7)  # this rank dies without a word
+        return x * self.w
+
+@hookimpl
+def register_backbones(register):
+    register("dying", lambda *, image_size, channels: Dying())
+"""
+
+
+def test_a_dead_rank_makes_the_others_exit_instead_of_hanging(tmp_path, faces):
+    site = make_plugin_distribution(tmp_path / "site", "fmkit-dying", "fmkit_dying", DYING)
+    extra = {"PYTHONPATH": str(site), "FMKIT_DISABLE_PLUGIN_AUTOLOAD": ""}
+    args = [
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        faces,
+        "--image-size",
+        16,
+        "--batch-size",
+        8,
+        "--max-steps",
+        50,
+        "--backbone",
+        "dying",
+        "--dist-timeout",
+        30,
+        "--num-samples",
+        1,
+        "--sample-steps",
+        1,
+        "--output",
+        tmp_path / "run",
+    ]
+    result = fmkit(*args, procs=2, extra_env=extra, timeout=120)  # a hang fails here
+    assert result.returncode != 0
+    assert "exitcode  : 7" in result.stderr or "lost contact with another rank" in result.stderr

@@ -64,7 +64,7 @@ def list_command(kind: str | None) -> None:
             click.echo(f"{indent}{entry.name:<{width}}  {entry.description}".rstrip())
 
 
-# What fmkit itself passes to each kind of factory (never a user option); see docs/plugins.md.
+# What fmkit itself passes to each kind of factory (never a user option); see docs/writing-plugins.md.
 _SHOW_FIXED = {"backbones": ("image_size", "channels"), "paths": (), "solvers": ()}
 
 

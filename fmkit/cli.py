@@ -196,7 +196,22 @@ _DEFAULTS = TrainConfig()
     "--time-sampling",
     default=_DEFAULTS.time_sampling,
     show_default=True,
-    type=click.Choice(["uniform", "logit_normal"]),
+    type=click.Choice(["uniform", "logit_normal", "edm"]),
+    help="Training times: uniform, logit_normal (--time-loc/--time-scale) or edm.",
+)
+@click.option(
+    "--time-loc",
+    default=_DEFAULTS.time_loc,
+    show_default=True,
+    type=float,
+    help="logit_normal location.",
+)
+@click.option(
+    "--time-scale",
+    default=_DEFAULTS.time_scale,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="logit_normal scale.",
 )
 @click.option(
     "--save-every",

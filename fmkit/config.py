@@ -26,7 +26,9 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up from 0 (0: none)
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
     ema_decay: float = 0.9999  # target EMA decay; warms up as min(decay, (1+n)/(10+n))
-    time_sampling: str = "uniform"  # training times: uniform or logit_normal
+    time_sampling: str = "uniform"  # training times: uniform, logit_normal or edm
+    time_loc: float = 0.0  # logit_normal location (0: centred on t = 0.5)
+    time_scale: float = 1.0  # logit_normal scale
     save_every: int | None = 10  # checkpoint every N epochs (None: off)
     sample_every: int | None = 5  # sample grid every N epochs (None: off)
     save_every_steps: int | None = None  # checkpoint every N steps (None: off)

@@ -8,7 +8,12 @@ from torch import Tensor, nn
 from fmkit.path import ProbabilityPath
 from fmkit.solver import Solution, Solver, build_solver, integrate
 
-TIME_SAMPLING = ("uniform", "logit_normal")
+TIME_SAMPLING = ("uniform", "logit_normal", "edm")
+
+# Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models") draw
+# training noise levels as ln(sigma) ~ N(P_mean, P_std^2). On the linear path the noise-to-data
+# ratio is sigma = (1 - t) / t, so t = sigmoid(-ln sigma): a logit-normal skewed to the data end.
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
 
 
 def sample_time(
@@ -23,16 +28,20 @@ def sample_time(
     """Training times t in (0, 1), shape (batch,).
 
     Args:
-        method: "uniform", or "logit_normal" (Esser et al. 2024, "Scaling Rectified Flow
+        method: "uniform"; "logit_normal" (Esser et al. 2024, "Scaling Rectified Flow
             Transformers"): t = sigmoid(loc + scale * n), n ~ N(0, 1), which spends more of
-            the training signal on intermediate times.
-        loc, scale: the logit-normal location and scale.
+            the training signal on intermediate times; or "edm" (Karras et al. 2022): EDM's
+            log-normal noise levels mapped to t, skewed towards the data end.
+        loc, scale: the logit-normal location and scale (not used by the others).
     """
     if method == "uniform":
         return torch.rand(batch, generator=generator, device=device)
     if method == "logit_normal":
         n = torch.randn(batch, generator=generator, device=device)
         return torch.sigmoid(loc + scale * n)
+    if method == "edm":
+        n = torch.randn(batch, generator=generator, device=device)
+        return torch.sigmoid(-(EDM_P_MEAN + EDM_P_STD * n))
     raise ValueError(f"unknown time sampling {method!r}; available: {', '.join(TIME_SAMPLING)}")
 
 
@@ -46,7 +55,7 @@ class FlowMatching:
         model: backbone called as model(x, t), x (B, C, H, W), t (B,) -> (B, C, H, W).
         path: a ProbabilityPath, or the name of a registered path (default "linear").
         device: where to put the model; None keeps it where it is.
-        time_sampling: "uniform" or "logit_normal" training times.
+        time_sampling: "uniform", "logit_normal" or "edm" training times (see `sample_time`).
         logit_normal_loc, logit_normal_scale: parameters of the logit-normal time sampling.
     """
 

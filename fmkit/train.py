@@ -324,7 +324,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                 # step's draws do not depend on the number of processes.
                 gen = step_generator(cfg.seed, step)
                 noise = torch.randn((cfg.batch_size, *shape), generator=gen)
-                times = sample_time(cfg.batch_size, cfg.time_sampling, generator=gen)
+                times = sample_time(
+                    cfg.batch_size,
+                    cfg.time_sampling,
+                    loc=cfg.time_loc,
+                    scale=cfg.time_scale,
+                    generator=gen,
+                )
                 loss_sum = torch.zeros((), device=device)
                 for m, batch in enumerate(micro):
                     x1 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(

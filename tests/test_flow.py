@@ -111,4 +111,14 @@ def test_time_sampling():
     assert (logit - 0.5).abs().mean() < (uniform - 0.5).abs().mean()
     assert abs(uniform.mean().item() - 0.5) < 0.02
     with pytest.raises(ValueError, match="unknown time sampling"):
-        sample_time(2, "edm")
+        sample_time(2, "cosine")
+
+
+def test_edm_time_sampling_is_skewed_to_the_data_end():
+    gen = torch.Generator().manual_seed(0)
+    edm = sample_time(20000, "edm", generator=gen)
+    assert 0 < edm.min() and edm.max() < 1
+    # ln sigma ~ N(-1.2, 1.2^2) and t = 1 / (1 + sigma): the median t is sigmoid(1.2).
+    assert abs(edm.median().item() - torch.sigmoid(torch.tensor(1.2)).item()) < 0.01
+    shifted = sample_time(20000, "logit_normal", loc=1.0, scale=0.5, generator=gen)
+    assert abs(shifted.median().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.01

@@ -86,3 +86,20 @@ def test_adaptive_tolerance_trades_nfe_for_accuracy():
 def test_adaptive_solvers_ignore_steps():
     solver = build_solver("dopri5", steps=5)
     assert solver.adaptive and not hasattr(solver, "steps")
+
+
+def test_grid_power_moves_steps_to_the_data_end_without_changing_nfe():
+    seen = []
+
+    def record(t, x):
+        seen.append(float(t))
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    sol = integrate(build_solver("euler", steps=4, options={"grid_power": 2.0}), record, x0, t)
+    assert sol.nfe == 4
+    assert seen == pytest.approx([0.0, 1 - 0.75**2, 1 - 0.5**2, 1 - 0.25**2])
+    # Still converges to the closed form.
+    fine = integrate(build_solver("rk4", steps=50, options={"grid_power": 3.0}), decay, x0 + 1, t)
+    assert abs(fine.x.item() - math.exp(-1)) < 1e-6

@@ -344,3 +344,36 @@ def test_a_new_run_never_overwrites_earlier_checkpoints(tmp_path, faces, run_cli
     line = one_line_error(run_cli(*train_args(faces, out, "--max-steps", 2)))
     assert "already holds checkpoints; pass --resume" in line
     assert (out / "checkpoint_final.safetensors").read_bytes() == before
+
+
+def test_ema_warm_up():
+    from fmkit.train import EMA
+
+    model = torch.nn.Linear(3, 3)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # after one step the EMA weights equal the raw weights
+    assert torch.equal(ema.model.weight, model.weight)
+    decays = []
+    for _ in range(20000):
+        decays.append(ema.current_decay())
+        ema.updates += 1
+    assert decays[0] == pytest.approx(1 / 11)  # update n uses n / (n + 10)
+    assert all(a <= b for a, b in zip(decays, decays[1:], strict=False))
+    assert decays[-1] == 0.999  # reaches the configured decay and stays there
+
+
+def test_resume_restores_the_ema_exactly(tmp_path, faces, run_cli):
+    out = tmp_path / "run"
+    run_cli(*train_args(faces, out, "--max-steps", 3, "--ema-decay", 0.99))
+    run_cli(*train_args(faces, out, "--max-steps", 5, "--ema-decay", 0.99, "--resume"))
+    _, meta = checkpoint.load(out / "checkpoint_final.safetensors")
+    assert meta["ema_updates"] == 5
+    full = tmp_path / "full"
+    run_cli(*train_args(faces, full, "--max-steps", 5, "--ema-decay", 0.99))
+    a, b = (
+        weights(out / "checkpoint_final.safetensors"),
+        weights(full / "checkpoint_final.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("ema."))

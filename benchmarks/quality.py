@@ -1,0 +1,271 @@
+"""Quality per compute: train fmkit recipes for a fixed CPU budget on scikit-learn's 8x8 digits
+(resized to 16x16, shipped offline with the package), sample with Euler at several step counts
+and dopri5, and score samples by the Fréchet distance in the features of a small classifier
+trained here on held-out real digits. The real-vs-real floor at the same sample size is printed
+beside every score.
+
+    python benchmarks/quality.py --minutes 30 --recipes default
+    python benchmarks/quality.py --minutes 5 --recipes default,logit_normal,edm,lr3e-4,lr1e-3,wide
+
+Each recipe trains in its own process with one torch thread; --parallel N runs N at a time.
+Budgets are CPU time (time.process_time), so other load on the machine does not change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fmkit import checkpoint
+from fmkit.config import TrainConfig
+from fmkit.metrics import feature_distance
+from fmkit.prepared import write_array
+from fmkit.sample import load_flow
+from fmkit.solver import build_solver
+from fmkit.train import train
+
+SIZE = 16
+BASE = dict(
+    dataset="prepared",
+    image_size=SIZE,
+    batch_size=64,
+    backbone_opts={"base_channels": 32, "channel_mult": (1, 2), "attn_resolutions": (8,)},
+    save_every=None,
+    sample_every=None,
+    num_samples=16,
+    sample_steps=20,
+    log_every=50,
+    device="cpu",
+)
+RECIPES = {
+    "default": {},
+    "logit_normal": {"time_sampling": "logit_normal"},
+    "edm": {"time_sampling": "edm"},
+    "lr3e-4": {"lr": 3e-4},
+    "lr1e-3": {"lr": 1e-3},
+    "wide": {
+        "backbone_opts": {"base_channels": 64, "channel_mult": (1, 2), "attn_resolutions": (8,)}
+    },
+    "no_dropout": {"backbone_opts": {**BASE["backbone_opts"], "dropout": 0.0}},
+}
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """(1797, 1, 16, 16) images in [-1, 1] and their labels, in a fixed shuffled order."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
+    images = nn.functional.interpolate(images, size=SIZE, mode="bilinear", align_corners=False)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return (images[order] * 2 - 1).clamp(-1, 1), torch.tensor(data.target)[order]
+
+
+class Classifier(nn.Module):
+    """A small CNN; its 64-wide penultimate layer is the feature space of the distance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 64),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(images, labels, epochs: int = 40) -> Classifier:
+    torch.manual_seed(0)
+    model = Classifier()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images)).split(64):
+            loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def features(model: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """(N, C, 16, 16) in [-1, 1] (C = 1 or 3) -> (N, 64)."""
+    return model.features(images.clamp(-1, 1).mean(1, keepdim=True))
+
+
+def split(images, labels):
+    """Generator training set, classifier training set, floor set (disjoint)."""
+    return (images[:900], labels[:900]), (images[900:1400], labels[900:1400]), images[1400:]
+
+
+def write_training_set(images: torch.Tensor, out: Path) -> None:
+    class Gray:  # a map-style dataset of (3, 16, 16) images, as fmkit's datasets yield
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i].expand(3, SIZE, SIZE)
+
+    write_array(Gray(), out, {"dataset": "sklearn digits"}, progress=False)
+
+
+def run_recipe(
+    name: str,
+    minutes: float,
+    max_steps: int | None,
+    samples: int,
+    solvers: list[str],
+    work: Path,
+    classifier_epochs: int = 40,
+) -> dict:
+    torch.set_num_threads(1)
+    images, labels = digits()
+    (gen_x, _), (cls_x, cls_y), floor_x = split(images, labels)
+    write_training_set(gen_x, work / "data")
+    overrides = RECIPES[name]
+    cfg = dict(BASE, **overrides, data_dir=str(work / "data"), output=str(work / "calib"))
+    if max_steps is None:  # calibrate: CPU seconds per step, then fill the budget
+        start = time.process_time()
+        train(TrainConfig(**{**cfg, "max_steps": 20}), progress=False)
+        per_step = (time.process_time() - start) / 20
+        max_steps = max(4, int(minutes * 60 / per_step))
+    run = work / "run"
+    every = max(1, max_steps // 3)
+    start = time.process_time()
+    train(
+        TrainConfig(
+            **{**cfg, "output": str(run), "max_steps": max_steps, "save_every_steps": every}
+        ),
+        progress=False,
+    )
+    train_cpu = time.process_time() - start
+
+    classifier = train_classifier(cls_x, cls_y, classifier_epochs)
+    reference = features(classifier, gen_x)
+    n = min(samples, len(floor_x))
+    floor = feature_distance(features(classifier, floor_x[:n]), reference)
+    noise = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+    def score(path, ema, solver):
+        flow, _, _ = load_flow(path, ema=ema)
+        method, _, steps = solver.partition(":")
+        built = build_solver(method, steps=int(steps) if steps else None)
+        solution = flow.generate(noise, built)
+        return feature_distance(features(classifier, solution.x), reference), solution.nfe
+
+    final = run / "checkpoint_final.safetensors"
+    result = {
+        "recipe": name,
+        "overrides": overrides,
+        "steps": max_steps,
+        "train_cpu_s": train_cpu,
+        "floor": floor,
+        "samples": n,
+        "final": {},
+        "checkpoints": [],
+    }
+    for solver in solvers:
+        fd, nfe = score(final, True, solver)
+        result["final"][solver] = {"fd": fd, "nfe": nfe}
+    by_step = {checkpoint.load(p)[1]["step"]: p for p in run.glob("checkpoint_step_*.safetensors")}
+    by_step.setdefault(max_steps, final)
+    for step, path in sorted(by_step.items()):
+        ema_fd, _ = score(path, True, "euler:20")
+        raw_fd, _ = score(path, False, "euler:20")
+        result["checkpoints"].append({"step": step, "ema": ema_fd, "raw": raw_fd})
+    return result
+
+
+def _worker(args):
+    *job, epochs = args
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_recipe(*job, Path(tmp), classifier_epochs=epochs)
+
+
+def markdown(results: list[dict], solvers: list[str]) -> str:
+    head = "| recipe | steps | train CPU s | " + " | ".join(f"{s} (NFE)" for s in solvers)
+    head += " | raw euler:20 | floor | EMA ≤ raw at every checkpoint |"
+    lines = [head, "|" + " --- |" * (len(solvers) + 6)]
+    for r in results:
+        cells = [f"{r['final'][s]['fd']:.2f} ({r['final'][s]['nfe']})" for s in solvers]
+        raw = r["checkpoints"][-1]["raw"]
+        ok = all(c["ema"] <= c["raw"] * 1.05 for c in r["checkpoints"])
+        lines.append(
+            f"| {r['recipe']} | {r['steps']} | {r['train_cpu_s']:.0f} | "
+            + " | ".join(cells)
+            + f" | {raw:.2f} | {r['floor']:.2f} | {'yes' if ok else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--recipes", default="default", help=f"comma-separated: {', '.join(RECIPES)}"
+    )
+    parser.add_argument(
+        "--minutes", type=float, default=30.0, help="CPU minutes of training per recipe"
+    )
+    parser.add_argument("--max-steps", type=int, help="train exactly this many steps instead")
+    parser.add_argument("--samples", type=int, default=256, help="generated images per score")
+    parser.add_argument("--solvers", default="euler:10,euler:20,euler:50,dopri5")
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--classifier-epochs", type=int, default=40)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    solvers = args.solvers.split(",")
+    jobs = [
+        (r, args.minutes, args.max_steps, args.samples, solvers, args.classifier_epochs)
+        for r in args.recipes.split(",")
+    ]
+    if args.parallel > 1:
+        with multiprocessing.get_context("spawn").Pool(args.parallel) as pool:
+            results = pool.map(_worker, jobs)
+    else:
+        results = [_worker(job) for job in jobs]
+    print(
+        f"# {platform.machine()}, 1 torch thread per recipe, budget "
+        f"{args.max_steps or args.minutes} {'steps' if args.max_steps else 'CPU min'}, "
+        f"Fréchet distance in classifier features, {results[0]['samples']} samples"
+    )
+    print(markdown(results, solvers))
+    for r in results:
+        dopri = r["final"].get("dopri5", {}).get("fd")
+        eulers = sorted(
+            (int(s.split(":")[1]), v["fd"]) for s, v in r["final"].items() if s.startswith("euler:")
+        )
+        if dopri is not None:
+            within = [n for n, fd in eulers if fd <= 1.1 * dopri]
+            print(
+                f"{r['recipe']}: smallest Euler step count within 10% of dopri5 "
+                f"({dopri:.2f}): {within[0] if within else 'none of ' + str([n for n, _ in eulers])}"
+            )
+        print(
+            f"{r['recipe']} checkpoints (step: EMA / raw at euler:20): "
+            + ", ".join(f"{c['step']}: {c['ema']:.2f} / {c['raw']:.2f}" for c in r["checkpoints"])
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The Fréchet distance, and the quality benchmark end to end in a tiny configuration."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import REPO
+
+from fmkit.metrics import feature_distance, frechet_distance, gaussian_stats
+
+
+def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """Independent computation: scipy's matrix square root, as in the original FID code."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3, 2.0])
+def test_frechet_distance_matches_scipy(shift):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16)) @ rng.normal(size=(16, 16))
+    b = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16)) * 0.8 + shift
+    ours = feature_distance(torch.tensor(a), torch.tensor(b))
+    assert ours == pytest.approx(scipy_frechet(a, b), rel=1e-6, abs=1e-8)
+
+
+def test_frechet_distance_of_identical_statistics_is_zero():
+    x = torch.randn(300, 8, dtype=torch.float64)
+    assert frechet_distance(*gaussian_stats(x), *gaussian_stats(x)) < 1e-8
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_feature_distance_zero_for_identical_large_for_noise():
+    quality = load_quality()
+    images, labels = quality.digits()
+    (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
+    classifier = quality.train_classifier(cls_x, cls_y, epochs=3)
+    reference = quality.features(classifier, gen_x)
+    assert feature_distance(reference, reference) < 1e-6
+    floor = feature_distance(quality.features(classifier, floor_x), reference)
+    noise = torch.randn(len(floor_x), 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert feature_distance(quality.features(classifier, noise), reference) > 10 * floor
+
+
+def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
+    quality = load_quality()
+    out = tmp_path / "q.json"
+    quality.main(
+        [
+            "--max-steps",
+            "2",
+            "--samples",
+            "16",
+            "--solvers",
+            "euler:2,dopri5",
+            "--classifier-epochs",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert (
+        "| default | 2 |" in printed and "smallest Euler step count within 10% of dopri5" in printed
+    )
+    (result,) = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["final"]["euler:2"]["nfe"] == 2
+    assert [c["step"] for c in result["checkpoints"]] == [1, 2]
+    assert result["floor"] > 0

@@ -1,0 +1,273 @@
+"""Sample quality: FID / KID / precision-recall with torch-fidelity's Inception-v3 (the network
+of the original TensorFlow FID, ported bit-exactly), against cached reference statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fmkit.data import build_dataset
+from fmkit.errors import FmkitError
+from fmkit.flow import FlowMatching
+from fmkit.metrics import frechet_distance, gaussian_stats
+from fmkit.solver import Solver
+
+BACKEND_MODE = (
+    "inception-v3-compat"  # torch-fidelity's port of the TF FID Inception, pool3 features
+)
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_ENV = "FMKIT_INCEPTION_WEIGHTS"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FMKIT_CACHE", Path.home() / ".cache" / "fmkit")) / "fid"
+
+
+def _fidelity():
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise FmkitError("evaluation needs torch-fidelity: pip install 'fmkit[eval]'") from None
+    return torch_fidelity
+
+
+def backend_name() -> str:
+    return f"torch-fidelity {_fidelity().__version__}"
+
+
+@dataclass
+class Inception:
+    """The feature network and what identifies its weights (part of every cache key)."""
+
+    model: torch.nn.Module
+    weights_id: str  # "official" or the MD5 of a local weights file
+    device: torch.device
+
+
+def load_inception(weights: Path | None = None, device: torch.device | str = "cpu") -> Inception:
+    """torch-fidelity's Inception-v3. `weights` (or $FMKIT_INCEPTION_WEIGHTS) is a local
+    weights file; otherwise torch-fidelity downloads the official one once into the torch hub
+    cache. With FMKIT_OFFLINE=1 nothing is downloaded."""
+    fidelity = _fidelity()
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    from torch_fidelity.utils import create_feature_extractor
+
+    device = torch.device(device)
+    weights = weights or (Path(os.environ[WEIGHTS_ENV]) if os.environ.get(WEIGHTS_ENV) else None)
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+    help_line = (
+        f"download {URL_INCEPTION_V3} and pass --inception-weights FILE "
+        f"(or set {WEIGHTS_ENV}, or put it at {hub_file})"
+    )
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FmkitError(f"Inception weights {weights} do not exist; {help_line}")
+        try:  # refuse files that would run code: only plain tensors may be inside
+            torch.load(weights, weights_only=True, map_location="cpu")
+        except Exception as exc:
+            raise FmkitError(
+                f"{weights} is not a plain Inception state dict ({type(exc).__name__})"
+            ) from None
+        weights_id = hashlib.md5(weights.read_bytes(), usedforsecurity=False).hexdigest()[:12]
+    else:
+        if not hub_file.is_file() and os.environ.get("FMKIT_OFFLINE"):
+            raise FmkitError(f"no Inception weights and FMKIT_OFFLINE is set; {help_line}")
+        weights_id = "official"
+    try:
+        model = create_feature_extractor(
+            BACKEND_MODE,
+            ["2048"],
+            cuda=device.type == "cuda",
+            feature_extractor_weights_path=str(weights) if weights else None,
+            verbose=False,
+        )
+    except (OSError, RuntimeError) as exc:  # no network, truncated file, wrong keys
+        raise FmkitError(
+            f"could not load the Inception weights ({type(exc).__name__}); {help_line}"
+        ) from None
+    del fidelity
+    return Inception(model, weights_id, device)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8, exactly as saving PNGs would quantise them."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def inception_features(net: Inception, images: Tensor, batch_size: int = 64) -> Tensor:
+    """(N, 3, H, W) uint8 images -> (N, 2048) float64 pool features."""
+    out = []
+    for chunk in images.split(batch_size):
+        (features,) = net.model(chunk.to(net.device))
+        out.append(features.double().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class Reference:
+    """Statistics of the real images, and their features when available (KID, precision)."""
+
+    mu: Tensor
+    sigma: Tensor
+    features: Tensor | None
+    path: Path
+    description: dict
+    cached: bool
+
+
+def reference(
+    net: Inception,
+    dataset: str,
+    data_dir: str,
+    split: str,
+    image_size: int,
+    options: dict,
+    cache_dir: Path | None = None,
+    max_images: int | None = None,
+    batch_size: int = 64,
+) -> Reference:
+    """Reference statistics of a dataset, computed once per (dataset, split, options such as
+    the crop, resolution, backend and weights) and cached as a .safetensors file."""
+    description = {
+        "dataset": dataset,
+        "split": options.get("split", split),
+        "options": {k: v for k, v in sorted(options.items()) if k != "split"},
+        "image_size": image_size,
+        "backend": backend_name(),
+        "mode": BACKEND_MODE,
+        "weights": net.weights_id,
+        "max_images": max_images,
+    }
+    key = hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+    path = (
+        cache_dir or default_cache_dir()
+    ) / f"{dataset}-{description['split']}-{image_size}-{key}.safetensors"
+    if path.is_file():
+        return load_reference(path, cached=True)
+    data = build_dataset(dataset, data_dir, image_size, split, options, flip=False)
+    images = []
+    count = len(data) if max_images is None else min(len(data), max_images)
+    for i in tqdm(range(count), desc="reference images", unit="img", leave=False):
+        item = data[i]
+        images.append(to_uint8(item[0] if isinstance(item, (tuple, list)) else item))
+    features = inception_features(net, torch.stack(images), batch_size)
+    mu, sigma = gaussian_stats(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(
+        {"mu": mu, "sigma": sigma, "features": features.float()},
+        tmp,
+        metadata={"fmkit": json.dumps({**description, "count": count})},
+    )
+    tmp.replace(path)
+    return Reference(mu, sigma, features, path, {**description, "count": count}, cached=False)
+
+
+def load_reference(path: Path, cached: bool = False) -> Reference:
+    """A reference statistics file (as fmkit caches them): tensors mu, sigma [, features]."""
+    from safetensors import safe_open
+
+    try:
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("fmkit", "{}"))
+        mu, sigma = tensors["mu"].double(), tensors["sigma"].double()
+    except Exception:
+        raise FmkitError(
+            f"{path} is not a reference statistics file (.safetensors with mu and sigma)"
+        ) from None
+    features = tensors.get("features")
+    return Reference(
+        mu, sigma, None if features is None else features.double(), Path(path), meta, cached
+    )
+
+
+@dataclass
+class Generated:
+    images: Tensor  # (N, 3, H, W) uint8
+    nfe: list[int]  # per batch
+    seconds: float
+
+
+def generate(
+    flow: FlowMatching,
+    solver: Solver,
+    num_samples: int,
+    batch_size: int,
+    shape: tuple[int, int, int],
+    seed: int = 0,
+) -> Generated:
+    """Sample `num_samples` images in batches (progress bar), quantised to uint8."""
+    generator = torch.Generator().manual_seed(seed)
+    images, nfe = [], []
+    start = time.perf_counter()
+    with tqdm(total=num_samples, desc="sampling", unit="img", leave=False) as bar:
+        while len(images) * batch_size < num_samples:
+            n = min(batch_size, num_samples - len(images) * batch_size)
+            noise = torch.randn(n, *shape, generator=generator).to(flow.device)
+            solution = flow.generate(noise, solver)
+            images.append(to_uint8(solution.x.cpu()))
+            nfe.append(solution.nfe)
+            bar.update(n)
+    return Generated(torch.cat(images), nfe, time.perf_counter() - start)
+
+
+def score(
+    net: Inception, images: Tensor, ref: Reference, metrics: tuple[str, ...], batch_size: int = 64
+) -> dict:
+    """The requested metrics ("fid", "kid", "prc") of uint8 `images` against `ref`."""
+    features = inception_features(net, images, batch_size)
+    results: dict[str, float] = {}
+    if "fid" in metrics:
+        results["fid"] = frechet_distance(*gaussian_stats(features), ref.mu, ref.sigma)
+    if {"kid", "prc"} & set(metrics):
+        if ref.features is None:
+            raise FmkitError(
+                f"{ref.path} holds statistics only; KID and precision/recall need features"
+            )
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
+        gen, real = features.float(), ref.features.float()
+        if "kid" in metrics:
+            size = min(1000, len(gen), len(real))
+            kid = kid_features_to_metric(
+                gen,
+                real,
+                kid_subsets=100,
+                kid_subset_size=size,
+                kid_kernel="poly",
+                kid_kernel_poly_degree=3,
+                kid_kernel_poly_gamma=None,
+                kid_kernel_poly_coef0=1,
+                rng_seed=2020,
+                verbose=False,
+            )
+            results["kid_mean"], results["kid_std"] = (
+                kid["kernel_inception_distance_mean"],
+                kid["kernel_inception_distance_std"],
+            )
+        if "prc" in metrics:
+            prc = prc_features_to_metric(
+                gen,
+                real,
+                prc_neighborhood=3,
+                prc_batch_size=10000,
+                save_cpu_ram=False,
+                verbose=False,
+            )
+            results["precision"], results["recall"] = prc["precision"], prc["recall"]
+    return results

@@ -1,0 +1,274 @@
+"""FID / KID / sweep / bits-per-dim on real code paths, offline: the Inception weights file is
+written by the test in torch-fidelity's own format, with random initialisation."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import one_line_error, write_image
+
+from fmkit import checkpoint
+from fmkit.evaluate import inception_features, load_inception, reference, score, to_uint8
+from fmkit.likelihood import log_likelihood
+from fmkit.metrics import feature_distance
+from fmkit.solver import build_solver
+
+TINY = [
+    "--backbone-opt",
+    "base_channels=8",
+    "--backbone-opt",
+    "channel_mult=1,2",
+    "--backbone-opt",
+    "attn_resolutions=8",
+    "--backbone-opt",
+    "num_res_blocks=1",
+]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A randomly initialised Inception-v3 saved as torch-fidelity expects its weights file."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    # Building the network normally loads the official weights; skip that once to get the
+    # architecture with its random initialisation, then save its state dict.
+    load_url, load_sd = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.load_state_dict_from_url = lambda *args, **kwargs: {}
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *args, **kwargs: None
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = (
+            load_url,
+            load_sd,
+        )
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    for i in range(16):
+        write_image(root / f"{i:02d}.png", size=(16, 16), color=(i * 15, 200 - i * 10, 60 + i * 5))
+    return root
+
+
+def test_identical_sets_give_zero_and_shifted_sets_a_larger_fid(weights, faces, tmp_path):
+    net = load_inception(weights)
+    ref = reference(net, "folder", str(faces), "train", 16, {}, cache_dir=tmp_path)
+    assert not ref.cached and ref.features.shape == (16, 2048)
+    images = torch.stack([to_uint8(x) for x in _folder(faces)])
+    same = score(net, images, ref, ("fid", "kid"))
+    scale = ref.sigma.trace().item()  # FID is in units of feature variance
+    assert scale > 0
+    assert same["fid"] < 1e-6 * scale
+    brighter = inception_features(net, (images.int() + 60).clamp(0, 255).to(torch.uint8))
+    assert feature_distance(brighter, ref.features) > 0.01 * scale
+
+
+def _folder(root):
+    from fmkit.data import build_dataset
+
+    data = build_dataset("folder", str(root), 16, options={"flip": False})
+    return [data[i] for i in range(len(data))]
+
+
+def test_reference_statistics_are_cached_and_reused(weights, faces, tmp_path):
+    net = load_inception(weights)
+    first = reference(net, "folder", str(faces), "train", 16, {}, cache_dir=tmp_path)
+    stamp = first.path.stat().st_mtime_ns
+    again = reference(net, "folder", str(faces), "train", 16, {}, cache_dir=tmp_path)
+    assert again.cached and again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    torch.testing.assert_close(again.mu, first.mu)
+    other = reference(net, "folder", str(faces), "train", 32, {}, cache_dir=tmp_path)
+    assert other.path != first.path  # another resolution is another cache entry
+
+
+def test_eval_fid_and_sweep_from_the_cli(weights, faces, tmp_path, run_cli):
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        faces,
+        "--image-size",
+        16,
+        "--batch-size",
+        4,
+        "--max-steps",
+        2,
+        "--num-samples",
+        1,
+        "--sample-steps",
+        1,
+        "--output",
+        run,
+        *TINY,
+    )
+    assert trained.exit_code == 0, trained.output
+    common = [
+        "--checkpoint",
+        run,
+        "--inception-weights",
+        weights,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--num-samples",
+        12,
+        "--batch-size",
+        6,
+    ]
+    result = run_cli(
+        "eval",
+        "fid",
+        *common,
+        "--solver",
+        "euler",
+        "--steps",
+        3,
+        "--metrics",
+        "fid,kid,prc",
+        "--json",
+        tmp_path / "fid.json",
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "fid.json").read_text())
+    # Progress bars share stderr with the result: keep what follows each carriage return.
+    (line,) = [x.split("\r")[-1].strip() for x in result.output.splitlines() if "FID " in x]
+    assert line.startswith(f"FID {record['fid']:.4g}, KID ") and "mean NFE 3.0" in line
+    assert record["mean_nfe"] == 3 and record["num_samples"] == 12
+    assert {"kid_mean", "precision", "recall", "wall_s", "images_per_s"} <= set(record)
+    assert record["reference"]["dataset"] == "folder" and record["reference"]["image_size"] == 16
+    assert (
+        record["backend"].startswith("torch-fidelity") and record["mode"] == "inception-v3-compat"
+    )
+    # The cached file can be passed back as --reference-stats.
+    stats = record["reference"]["stats_file"]
+    again = run_cli(
+        "eval", "fid", *common, "--solver", "rk4", "--steps", 1, "--reference-stats", stats
+    )
+    assert again.exit_code == 0, again.output
+    sweep = run_cli(
+        "eval", "sweep", *common, "--solvers", "euler:2,midpoint:1,dopri5", "--out", tmp_path / "sw"
+    )
+    assert sweep.exit_code == 0, sweep.output
+    rows = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [r["solver"] for r in rows] == ["euler:2", "midpoint:1", "dopri5"]
+    assert rows[0]["mean_nfe"] == 2 and rows[1]["mean_nfe"] == 2
+    assert "| euler:2 | 2.0 |" in (tmp_path / "sw" / "sweep.md").read_text()
+    assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000
+
+
+def test_missing_inception_weights_offline_is_one_clear_line(faces, tmp_path, run_cli, monkeypatch):
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        faces,
+        "--image-size",
+        16,
+        "--batch-size",
+        4,
+        "--max-steps",
+        1,
+        "--num-samples",
+        1,
+        "--sample-steps",
+        1,
+        "--output",
+        run,
+        *TINY,
+    )
+    monkeypatch.setenv("FMKIT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv("FMKIT_INCEPTION_WEIGHTS", raising=False)
+    line = one_line_error(run_cli("eval", "fid", "--checkpoint", run, "--num-samples", 4))
+    assert "no Inception weights" in line and "--inception-weights FILE" in line
+    bad = tmp_path / "evil.pth"
+    bad.write_bytes(b"not a state dict")
+    line = one_line_error(run_cli("eval", "fid", "--checkpoint", run, "--inception-weights", bad))
+    assert "is not a plain Inception state dict" in line
+
+
+class GaussianField(torch.nn.Module):
+    """Exact marginal velocity of the linear path from N(0, I) to N(mu, s^2 I):
+    v(x, t) = mu + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) * (x - t mu)."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.mu, self.s = mu, s
+
+    def forward(self, x, t):
+        t = t.view(-1, 1, 1, 1).to(x)
+        var = t**2 * self.s**2 + (1 - t) ** 2
+        return self.mu + (t * self.s**2 - (1 - t)) / var * (x - t * self.mu)
+
+
+def test_log_likelihood_matches_the_known_density():
+    mu, s = 0.5, 0.3
+    field = GaussianField(mu, s)
+    x1 = (mu + s * torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))).double()
+    velocity = lambda t, x: field(x, t.expand(x.shape[0]))  # noqa: E731
+    logp, nfe = log_likelihood(
+        velocity, x1, build_solver("dopri5", options={"rtol": 1e-7, "atol": 1e-7})
+    )
+    dims = 9
+    exact = (
+        -0.5 * ((x1 - mu) / s).square().flatten(1).sum(1)
+        - dims * math.log(s)
+        - 0.5 * dims * math.log(2 * math.pi)
+    )
+    torch.testing.assert_close(logp, exact, rtol=0, atol=1e-3)
+    assert nfe > 0
+
+
+def test_eval_nll_on_a_tiny_trained_model(faces, tmp_path, run_cli):
+    run = tmp_path / "run"
+    run_cli(
+        "train",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        faces,
+        "--image-size",
+        16,
+        "--batch-size",
+        4,
+        "--max-steps",
+        3,
+        "--num-samples",
+        1,
+        "--sample-steps",
+        1,
+        "--output",
+        run,
+        *TINY,
+    )
+    result = run_cli(
+        "eval",
+        "nll",
+        "--checkpoint",
+        run,
+        "--num-images",
+        4,
+        "--batch-size",
+        2,
+        "--solver-opt",
+        "rtol=1e-3",
+        "--solver-opt",
+        "atol=1e-3",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["images"] == 4 and math.isfinite(report["bits_per_dim"])
+    assert 0 < report["bits_per_dim"] < 16
+    assert f"{report['bits_per_dim']:.4f} bits/dim ± " in result.output
+    _, meta = checkpoint.load(run / "checkpoint_final.safetensors")
+    assert meta["config"]["dataset"] == "folder"

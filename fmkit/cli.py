@@ -466,6 +466,7 @@ def _eval_options(func):
 
 
 def _quality_setup(
+    *,
     ckpt,
     dataset,
     data_dir,
@@ -478,6 +479,7 @@ def _quality_setup(
     inception_weights,
     cache_dir,
     device,
+    **_,
 ):
     device = resolve_device(device)
     flow, cfg, _ = load_flow(ckpt, ema=ema, device=device)
@@ -523,61 +525,25 @@ def _quality_setup(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the JSON record here.",
 )
-def eval_fid(
-    ckpt,
-    dataset,
-    data_dir,
-    split,
-    dataset_opts,
-    num_samples,
-    batch_size,
-    seed,
-    ema,
-    metrics,
-    reference_stats,
-    max_reference_images,
-    inception_weights,
-    cache_dir,
-    device,
-    solver,
-    steps,
-    solver_opts,
-    json_out,
-):
+def eval_fid(solver, steps, solver_opts, json_out, **common):
     """FID (and --metrics kid,prc) of generated samples against reference statistics.
 
     Example: fmkit eval fid --checkpoint results --solver dopri5 --num-samples 50000
     """
-    flow, cfg, net, ref, wanted = _quality_setup(
-        ckpt,
-        dataset,
-        data_dir,
-        split,
-        dataset_opts,
-        ema,
-        metrics,
-        reference_stats,
-        max_reference_images,
-        inception_weights,
-        cache_dir,
-        device,
-    )
+    flow, cfg, net, ref, wanted = _quality_setup(**common)
     options = parse_options(solver_opts, "--solver-opt")
     built = build_solver(solver, steps=steps, options=options)
-    record = _evaluate_one(
-        flow, cfg, net, ref, wanted, solver, built, options, num_samples, batch_size, seed, ckpt
-    )
+    record = _evaluate_one(flow, cfg, net, ref, wanted, solver, built, options, common)
     click.echo(_result_line(record))
     click.echo(json.dumps(record, indent=2))
     if json_out:
         json_out.write_text(json.dumps(record, indent=2))
 
 
-def _evaluate_one(
-    flow, cfg, net, ref, wanted, solver_name, solver, options, num_samples, batch_size, seed, ckpt
-) -> dict:
+def _evaluate_one(flow, cfg, net, ref, wanted, solver_name, solver, options, common) -> dict:
+    num_samples, batch_size = common["num_samples"], common["batch_size"]
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    gen = generate(flow, solver, num_samples, batch_size, shape, seed)
+    gen = generate(flow, solver, num_samples, batch_size, shape, common["seed"])
     results = score(net, gen.images, ref, wanted, batch_size)
     settings = dict(options)
     if not solver.adaptive:
@@ -595,7 +561,7 @@ def _evaluate_one(
         "reference": {**ref.description, "stats_file": str(ref.path), "cached": ref.cached},
         "backend": backend_name(),
         "mode": BACKEND_MODE,
-        "checkpoint": str(ckpt),
+        "checkpoint": str(common["ckpt"]),
     }
 
 
@@ -624,58 +590,14 @@ def _result_line(r: dict) -> str:
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), default="sweep", show_default=True
 )
-def eval_sweep(
-    ckpt,
-    dataset,
-    data_dir,
-    split,
-    dataset_opts,
-    num_samples,
-    batch_size,
-    seed,
-    ema,
-    metrics,
-    reference_stats,
-    max_reference_images,
-    inception_weights,
-    cache_dir,
-    device,
-    solvers,
-    out,
-):
+def eval_sweep(solvers, out, **common):
     """Evaluate several solver settings; writes sweep.md, sweep.json and sweep.png (quality vs NFE)."""
-    flow, cfg, net, ref, wanted = _quality_setup(
-        ckpt,
-        dataset,
-        data_dir,
-        split,
-        dataset_opts,
-        ema,
-        metrics,
-        reference_stats,
-        max_reference_images,
-        inception_weights,
-        cache_dir,
-        device,
-    )
+    flow, cfg, net, ref, wanted = _quality_setup(**common)
     records = []
     for spec in solvers.split(","):
         name, _, steps = spec.strip().partition(":")
         built = build_solver(name, steps=int(steps) if steps else None)
-        record = _evaluate_one(
-            flow,
-            cfg,
-            net,
-            ref,
-            wanted,
-            spec.strip(),
-            built,
-            {},
-            num_samples,
-            batch_size,
-            seed,
-            ckpt,
-        )
+        record = _evaluate_one(flow, cfg, net, ref, wanted, spec.strip(), built, {}, common)
         click.echo(_result_line(record))
         records.append(record)
     write_sweep(records, wanted, out)

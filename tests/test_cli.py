@@ -77,7 +77,10 @@ def test_user_mistakes_are_one_line_errors(run_cli, args, message):
 
 
 def test_console_entry_point_errors_without_traceback():
-    result = run_fmkit("show", "backbones", "unte")
+    # Autoload off: an installed third-party backbone would change the list of names.
+    result = run_fmkit(
+        "show", "backbones", "unte", env_extra={"FMKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "Error: unknown backbone 'unte'; did you mean 'unet'? available: unet"

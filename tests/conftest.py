@@ -18,6 +18,18 @@ add_commands(cli)  # plugin subcommands (e.g. `prepare imagenet`), as the consol
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A UNet small enough for tests to train in seconds on the CPU (flags for `fmkit train`).
+TINY = [
+    "--backbone-opt",
+    "base_channels=8",
+    "--backbone-opt",
+    "channel_mult=1,2",
+    "--backbone-opt",
+    "attn_resolutions=8",
+    "--backbone-opt",
+    "num_res_blocks=1",
+]
+
 
 @pytest.fixture
 def register_plugin():

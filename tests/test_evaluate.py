@@ -6,24 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import one_line_error, write_image
+from conftest import TINY, one_line_error, write_image
 
 from fmkit import checkpoint
 from fmkit.evaluate import inception_features, load_inception, reference, score, to_uint8
 from fmkit.likelihood import log_likelihood
 from fmkit.metrics import feature_distance
 from fmkit.solver import build_solver
-
-TINY = [
-    "--backbone-opt",
-    "base_channels=8",
-    "--backbone-opt",
-    "channel_mult=1,2",
-    "--backbone-opt",
-    "attn_resolutions=8",
-    "--backbone-opt",
-    "num_res_blocks=1",
-]
 
 
 @pytest.fixture(scope="module")

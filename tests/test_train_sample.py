@@ -5,21 +5,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import one_line_error, write_image
+from conftest import TINY, one_line_error, write_image
 from PIL import Image
 
 from fmkit import checkpoint, hookimpl
-
-TINY = [
-    "--backbone-opt",
-    "base_channels=8",
-    "--backbone-opt",
-    "channel_mult=1,2",
-    "--backbone-opt",
-    "attn_resolutions=8",
-    "--backbone-opt",
-    "num_res_blocks=1",
-]
 
 
 @pytest.fixture

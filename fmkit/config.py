@@ -21,7 +21,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (per process)
     epochs: int = 50  # passes over the data (ignored when max_steps is set)
     max_steps: int | None = None  # stop after this many optimizer steps (None: use epochs)
-    lr: float = 1e-4  # AdamW learning rate after warm-up
+    lr: float = 3e-4  # AdamW learning rate after warm-up (see docs/training.md for why)
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up from 0 (0: none)
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)

@@ -76,6 +76,10 @@ def train_args(faces, out, *extra):
         2,
         "--log-every",
         1,
+        # Adam turns float-rounding differences of near-zero gradients into steps of about lr:
+        # a fixed, small lr keeps the 1-vs-2-process comparison at float tolerance.
+        "--lr",
+        "1e-4",
         "--output",
         out,
         *TINY,

@@ -57,7 +57,7 @@ def load_inception(weights: Path | None = None, device: torch.device | str = "cp
     """torch-fidelity's Inception-v3. `weights` (or $FMKIT_INCEPTION_WEIGHTS) is a local
     weights file; otherwise torch-fidelity downloads the official one once into the torch hub
     cache. With FMKIT_OFFLINE=1 nothing is downloaded."""
-    fidelity = _fidelity()
+    _fidelity()  # a clear error when torch-fidelity is missing
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     from torch_fidelity.utils import create_feature_extractor
 
@@ -95,7 +95,6 @@ def load_inception(weights: Path | None = None, device: torch.device | str = "cp
         raise FmkitError(
             f"could not load the Inception weights ({type(exc).__name__}); {help_line}"
         ) from None
-    del fidelity
     return Inception(model, weights_id, device)
 
 
@@ -159,6 +158,11 @@ def reference(
         return load_reference(path, cached=True)
     data = build_dataset(dataset, data_dir, image_size, split, options, flip=False)
     images = []
+    if not hasattr(data, "__len__"):
+        raise FmkitError(
+            f"reference statistics need a map-style dataset, and '{dataset}' streams shards; "
+            "pass --reference-stats FILE or use a prepared/folder copy of the reference images"
+        )
     count = len(data) if max_images is None else min(len(data), max_images)
     for i in tqdm(range(count), desc="reference images", unit="img", leave=False):
         item = data[i]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,8 +70,6 @@ def build_solver(name: str, steps: int | None = None, options: dict | None = Non
 
     Adaptive solvers take no `steps`; they ignore it (check `solver.adaptive` to tell users).
     """
-    import inspect
-
     from fmkit.plugins import registry
 
     solvers = registry("solvers")

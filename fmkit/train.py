@@ -185,8 +185,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
     trained: nn.Module = model
+    ddp: DistributedDataParallel | None = None
     if info.enabled:  # gradients are averaged over ranks during backward
-        trained = DistributedDataParallel(
+        trained = ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if cfg.compile:
@@ -341,7 +342,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                     lo = info.rank * local_batch + m * micro_batch
                     sync = m == len(micro) - 1 or not info.enabled
                     with (
-                        contextlib.nullcontext() if sync else trained.no_sync(),
+                        contextlib.nullcontext()
+                        if sync
+                        else ddp.no_sync(),  # ddp: compile hides no_sync
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
                     ):
                         loss = flow.loss(

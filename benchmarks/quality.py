@@ -5,7 +5,7 @@ trained here on held-out real digits. The real-vs-real floor at the same sample 
 beside every score.
 
     python benchmarks/quality.py --minutes 30 --recipes default
-    python benchmarks/quality.py --minutes 5 --recipes default,logit_normal,edm,lr3e-4,lr1e-3,wide
+    python benchmarks/quality.py --minutes 5 --recipes default,lr1e-4,lr1e-3,logit_normal,edm,wide
 
 Each recipe trains in its own process with one torch thread; --parallel N runs N at a time.
 Budgets are CPU time (time.process_time), so other load on the machine does not change them.
@@ -47,14 +47,17 @@ BASE = dict(
 )
 RECIPES = {
     "default": {},
+    "lr1e-4": {"lr": 1e-4},
+    "lr1e-3": {"lr": 1e-3},
     "logit_normal": {"time_sampling": "logit_normal"},
     "edm": {"time_sampling": "edm"},
-    "lr3e-4": {"lr": 3e-4},
-    "lr1e-3": {"lr": 1e-3},
     "wide": {
         "backbone_opts": {"base_channels": 64, "channel_mult": (1, 2), "attn_resolutions": (8,)}
     },
     "no_dropout": {"backbone_opts": {**BASE["backbone_opts"], "dropout": 0.0}},
+    "no_ema_warmup": {"ema_warmup": 0.0},
+    "ema_warmup30": {"ema_warmup": 30.0},
+    "ema_warmup100": {"ema_warmup": 100.0},
 }
 
 

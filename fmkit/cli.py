@@ -204,6 +204,13 @@ _DEFAULTS = TrainConfig()
     "--ema-decay", default=_DEFAULTS.ema_decay, show_default=True, type=click.FloatRange(0, 1)
 )
 @click.option(
+    "--ema-warmup",
+    default=_DEFAULTS.ema_warmup,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="EMA decay ramp: update n uses min(--ema-decay, n / (n + W)); 0 turns it off.",
+)
+@click.option(
     "--time-sampling",
     default=_DEFAULTS.time_sampling,
     show_default=True,

@@ -25,7 +25,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up from 0 (0: none)
     grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
-    ema_decay: float = 0.9999  # target EMA decay; warms up as min(decay, (1+n)/(10+n))
+    ema_decay: float = 0.9999  # target EMA decay
+    ema_warmup: float = 10.0  # update n uses min(ema_decay, n / (n + ema_warmup)); 0: no ramp
     time_sampling: str = "uniform"  # training times: uniform, logit_normal or edm
     time_loc: float = 0.0  # logit_normal location (0: centred on t = 0.5)
     time_scale: float = 1.0  # logit_normal scale

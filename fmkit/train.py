@@ -30,17 +30,26 @@ from fmkit.visualize import visualize_samples
 
 
 class EMA:
-    """Exponential moving average of a model's weights, with warm-up: update n (from 0) uses
-    decay min(target, n / (n + 10)), so the first update copies the weights and early averages
-    are not dominated by the random initialisation."""
+    """Exponential moving average of a model's weights, with warm-up.
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    Update n (from 0) uses decay min(target, n / (n + warmup)): the first update copies the
+    weights, and until the target is reached the average is the power-function EMA of Karras
+    et al. 2024 ("Analyzing and Improving the Training Dynamics of Diffusion Models") with
+    exponent warmup - 1, i.e. it weights step i by about (i / n)^(warmup - 1) and so always
+    covers a fixed fraction of the run so far (about 1 / (warmup + 1) of it on average).
+    warmup = 0 turns the ramp off (plain EMA at the target decay).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: float = 10.0) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self.warmup = warmup
         self.updates = 0
 
     def current_decay(self) -> float:
-        return min(self.decay, self.updates / (self.updates + 10))
+        if self.warmup == 0:
+            return self.decay
+        return min(self.decay, self.updates / (self.updates + self.warmup))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -180,7 +189,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
     )
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )

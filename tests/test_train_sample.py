@@ -353,6 +353,28 @@ def test_ema_warm_up():
     assert decays[-1] == 0.999  # reaches the configured decay and stays there
 
 
+def test_ema_warmup_option(tmp_path, faces, run_cli):
+    from fmkit.train import EMA
+
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.99, warmup=30)
+    ema.updates = 60
+    assert ema.current_decay() == pytest.approx(60 / 90)
+    assert EMA(torch.nn.Linear(2, 2), decay=0.99, warmup=0).current_decay() == 0.99  # no ramp
+
+    # --ema-warmup 0: the first update already uses the target decay, so the EMA keeps
+    # (1 - 0.5) of the initial weights; the default ramp copies the trained weights instead.
+    for warmup in ("0", "10"):
+        out = tmp_path / warmup
+        args = train_args(faces, out, "--max-steps", 1, "--ema-decay", 0.5, "--ema-warmup", warmup)
+        assert run_cli(*args).exit_code == 0
+        tensors, meta = checkpoint.load(out / "checkpoint_final.safetensors")
+        assert meta["config"]["ema_warmup"] == float(warmup)
+        model = checkpoint.unpack_state("model", tensors)
+        ema = checkpoint.unpack_state("ema", tensors)
+        same = all(torch.equal(model[k], ema[k]) for k in model)
+        assert same == (warmup == "10")
+
+
 def test_resume_restores_the_ema_exactly(tmp_path, faces, run_cli):
     out = tmp_path / "run"
     run_cli(*train_args(faces, out, "--max-steps", 3, "--ema-decay", 0.99))

@@ -27,6 +27,7 @@ from torch import nn
 from fmkit import checkpoint
 from fmkit.config import TrainConfig
 from fmkit.metrics import feature_distance
+from fmkit.options import parse_options
 from fmkit.prepared import write_array
 from fmkit.sample import load_flow
 from fmkit.solver import build_solver
@@ -168,8 +169,10 @@ def run_recipe(
 
     def score(path, ema, solver):
         flow, _, _ = load_flow(path, ema=ema)
-        method, _, steps = solver.partition(":")
-        built = build_solver(method, steps=int(steps) if steps else None)
+        # "euler:20" or "euler:20:grid_power=2": method, step count, solver options.
+        method, *rest = solver.split(":")
+        steps = int(rest[0]) if rest and rest[0] else None
+        built = build_solver(method, steps=steps, options=parse_options(rest[1:], "--solvers"))
         solution = flow.generate(noise, built)
         return feature_distance(features(classifier, solution.x), reference), solution.nfe
 
@@ -230,7 +233,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--max-steps", type=int, help="train exactly this many steps instead")
     parser.add_argument("--samples", type=int, default=256, help="generated images per score")
-    parser.add_argument("--solvers", default="euler:10,euler:20,euler:50,dopri5")
+    parser.add_argument(
+        "--solvers",
+        default="euler:10,euler:20,euler:50,dopri5",
+        help="comma-separated METHOD[:STEPS[:KEY=VALUE...]], e.g. euler:20:grid_power=2",
+    )
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--classifier-epochs", type=int, default=40)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -253,8 +260,10 @@ def main(argv=None) -> None:
     print(markdown(results, solvers))
     for r in results:
         dopri = r["final"].get("dopri5", {}).get("fd")
-        eulers = sorted(
-            (int(s.split(":")[1]), v["fd"]) for s, v in r["final"].items() if s.startswith("euler:")
+        eulers = sorted(  # plain uniform-grid Euler only
+            (int(s.split(":")[1]), v["fd"])
+            for s, v in r["final"].items()
+            if s.startswith("euler:") and s.count(":") == 1
         )
         if dopri is not None:
             within = [n for n, fd in eulers if fd <= 1.1 * dopri]

@@ -5,7 +5,8 @@ trained here on held-out real digits. The real-vs-real floor at the same sample 
 beside every score.
 
     python benchmarks/quality.py --minutes 30 --recipes default
-    python benchmarks/quality.py --minutes 5 --recipes default,lr1e-4,lr1e-3,logit_normal,edm,wide
+    python benchmarks/quality.py --minutes 4 --recipes default,lr1e-4,lr1e-3,logit_normal,edm,wide
+    python benchmarks/quality.py --minutes 10 --solvers euler:10,euler:10:grid_power=2,euler:20,euler:20:grid_power=2
 
 Each recipe trains in its own process with one torch thread; --parallel N runs N at a time.
 Budgets are CPU time (time.process_time), so other load on the machine does not change them.

@@ -22,6 +22,7 @@ from fmkit.evaluate import (
     reference,
     score,
 )
+from fmkit.flow import TIME_SAMPLING
 from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import write_array
@@ -214,7 +215,7 @@ _DEFAULTS = TrainConfig()
     "--time-sampling",
     default=_DEFAULTS.time_sampling,
     show_default=True,
-    type=click.Choice(["uniform", "logit_normal", "edm"]),
+    type=click.Choice(TIME_SAMPLING),
     help="Training times: uniform, logit_normal (--time-loc/--time-scale) or edm.",
 )
 @click.option(

@@ -60,6 +60,7 @@ RECIPES = {
     "no_ema_warmup": {"ema_warmup": 0.0},
     "ema_warmup30": {"ema_warmup": 30.0},
     "ema_warmup100": {"ema_warmup": 100.0},
+    "logit_normal_ema30": {"time_sampling": "logit_normal", "ema_warmup": 30.0},
 }
 
 

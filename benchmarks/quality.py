@@ -9,7 +9,9 @@ beside every score.
     python benchmarks/quality.py --minutes 10 --solvers euler:10,euler:10:grid_power=2,euler:20,euler:20:grid_power=2
 
 Each recipe trains in its own process with one torch thread; --parallel N runs N at a time.
-Budgets are CPU time (time.process_time), so other load on the machine does not change them.
+A --minutes budget is CPU time: 20 calibration steps measure CPU seconds per step
+(time.process_time) and fix the step count. CPU time per step still grows when processes share
+cores, so compare recipes at equal --max-steps; runs with the same steps are deterministic.
 """
 
 from __future__ import annotations

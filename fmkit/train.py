@@ -349,11 +349,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                     if device.type == "cuda":
                         x1 = x1.contiguous(memory_format=torch.channels_last)
                     lo = info.rank * local_batch + m * micro_batch
-                    sync = m == len(micro) - 1 or not info.enabled
+                    # Only the last micro-batch all-reduces. no_sync is asked of the DDP
+                    # wrapper itself: a compiled module does not expose it.
+                    sync = m == len(micro) - 1 or ddp is None
+                    reduce = contextlib.nullcontext() if sync else ddp.no_sync()
                     with (
-                        contextlib.nullcontext()
-                        if sync
-                        else ddp.no_sync(),  # ddp: compile hides no_sync
+                        reduce,
                         torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
                     ):
                         loss = flow.loss(

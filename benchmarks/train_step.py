@@ -1,7 +1,12 @@
 """Training throughput of `fmkit train` against a bare hand-written PyTorch loop on the same
-model, batch and data, in one run. Prints images/s of each and their ratio.
+model, batch, data and device, in one run. Prints images/s of each and their ratio.
 
-Run: python benchmarks/train_step.py [--steps 60] [--batch-size 32] [--image-size 32]
+Run: python benchmarks/train_step.py [--steps 50] [--batch-size 32] [--image-size 32]
+     [--device cuda --precision bf16 --compile]   (benchmarks/gpu.py runs it on a GPU)
+
+Both loops are timed over the same steps after `--warmup` steps (compilation, cuDNN autotuning,
+allocator warm-up). The trainer is read from metrics.jsonl: logging every `--warmup` steps, each
+line after the first covers exactly that many steps between two synchronisations.
 """
 
 from __future__ import annotations
@@ -21,85 +26,156 @@ from fmkit.config import TrainConfig
 from fmkit.data import build_dataset, make_loader
 from fmkit.plugins import registry
 from fmkit.prepared import write_array
-from fmkit.train import train
+from fmkit.train import resolve_device, train
 
 UNET = {"base_channels": 32, "channel_mult": (1, 2, 2), "attn_resolutions": (8,), "dropout": 0.0}
 
 
-def bare_loop(data_dir: Path, args) -> float:
-    """The minimal flow-matching step: no EMA, no clipping, no logging."""
+def synthetic_prepared(root: Path, image_size: int, count: int = 512) -> Path:
+    """A prepared array of `count` random images (written through a folder, like a user's)."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (image_size + 8, image_size + 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "img" / f"{i}.png")
+    folder = build_dataset("folder", str(root / "img"), image_size, options={"flip": False})
+    return write_array(folder, root / "prepared", {"dataset": "folder"}, progress=False)
+
+
+def bare_loop(
+    data_dir: Path,
+    *,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    image_size: int,
+    unet: dict,
+    device: str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    num_workers: int = 0,
+) -> float:
+    """The minimal flow-matching step: no EMA, no clipping, no logging. Uses what fmkit uses on
+    the device (channels_last, fused AdamW and TF32 on CUDA, bf16 autocast when asked)."""
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cuda
     torch.manual_seed(0)
-    model = registry("backbones").build("unet", UNET, image_size=args.image_size, channels=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loader = make_loader(build_dataset("prepared", str(data_dir), args.image_size), args.batch_size)
-    done, start, images = 0, None, 0
-    while done < args.steps:
+    model = registry("backbones").build("unet", unet, image_size=image_size, channels=3).to(dev)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    net = torch.compile(model) if compile else model
+    data = build_dataset("prepared", str(data_dir), image_size)
+    loader = make_loader(data, batch_size, num_workers, pin_memory=cuda)
+    done, start, images = 0, 0.0, 0
+    while done < warmup + steps:
         for x1 in loader:
-            if done == args.warmup:
+            if done == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
                 start, images = time.perf_counter(), 0
+            x1 = x1.to(dev, non_blocking=True)
+            if cuda:
+                x1 = x1.contiguous(memory_format=torch.channels_last)
             x0 = torch.randn_like(x1)
-            t = torch.rand(x1.shape[0])
+            t = torch.rand(x1.shape[0], device=dev)
             tt = t.view(-1, 1, 1, 1)
-            loss = ((model(tt * x1 + (1 - tt) * x0, t) - (x1 - x0)) ** 2).mean()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                predicted = net(tt * x1 + (1 - tt) * x0, t)
+            loss = ((predicted.float() - (x1 - x0)) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             done += 1
             images += x1.shape[0]
-            if done == args.steps:
+            if done == warmup + steps:
                 break
+    if cuda:
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
 
 
-def fmkit_loop(data_dir: Path, out: Path, args) -> float:
+def fmkit_loop(
+    data_dir: Path,
+    out: Path,
+    *,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    image_size: int,
+    unet: dict,
+    device: str = "cpu",
+    precision: str = "fp32",
+    compile: bool = False,
+    num_workers: int = 0,
+) -> float:
+    """`fmkit train` on the same data; images/s over the steps after `warmup`."""
+    if steps % warmup:
+        raise ValueError("--steps must be a multiple of --warmup (one metrics line per window)")
     cfg = TrainConfig(
         dataset="prepared",
         data_dir=str(data_dir),
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        max_steps=args.steps,
-        backbone_opts=dict(UNET),
-        log_every=args.steps - args.warmup,
+        image_size=image_size,
+        batch_size=batch_size,
+        max_steps=warmup + steps,
+        backbone_opts=dict(unet),
+        log_every=warmup,
         save_every=None,
         sample_every=None,
         num_samples=1,
         sample_steps=1,
         output=str(out),
-        device="cpu",
+        device=device,
+        precision=precision,
+        compile=compile,
+        num_workers=num_workers,
     )
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in rows if r["step"] > args.warmup]  # one row per step after warm-up
-    seconds = sum(args.batch_size / r["images_per_s"] for r in timed)
-    return len(timed) * args.batch_size / seconds
+    timed = [r for r in rows if r["step"] > warmup]  # each covers `warmup` steps
+    seconds = sum(warmup * batch_size / r["images_per_s"] for r in timed)
+    return len(timed) * warmup * batch_size / seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=60)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--num-workers", type=int, default=0)
     args = parser.parse_args()
+    settings = dict(
+        steps=args.steps,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        unet=UNET,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        num_workers=args.num_workers,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "img").mkdir()
-        rng = np.random.default_rng(0)
-        for i in range(512):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
-                tmp / "img" / f"{i}.png"
-            )
-        folder = build_dataset("folder", str(tmp / "img"), args.image_size, options={"flip": False})
-        write_array(folder, tmp / "prepared", {"dataset": "folder"}, progress=False)
+        data = synthetic_prepared(tmp, args.image_size)
         # Alternate the two and keep each one's best, so drift of the machine hits both.
         bare, ours = 0.0, 0.0
         for r in range(args.repeats):
-            bare = max(bare, bare_loop(tmp / "prepared", args))
-            ours = max(ours, fmkit_loop(tmp / "prepared", tmp / f"run{r}", args))
+            bare = max(bare, bare_loop(data, **settings))
+            ours = max(ours, fmkit_loop(data, tmp / f"run{r}", **settings))
     print(
-        f"# {platform.machine()}, {torch.get_num_threads()} threads, UNet {UNET}, "
-        f"batch {args.batch_size} at {args.image_size}x{args.image_size}, steps {args.warmup + 1}..{args.steps}"
+        f"# {platform.machine()}, {torch.get_num_threads()} threads, {args.device} "
+        f"{args.precision}{' compiled' if args.compile else ''}, UNet {UNET}, batch "
+        f"{args.batch_size} at {args.image_size}x{args.image_size}, "
+        f"steps {args.warmup + 1}..{args.warmup + args.steps}"
     )
     print(f"bare PyTorch loop: {bare:.1f} images/s (best of {args.repeats})")
     print(f"fmkit train:       {ours:.1f} images/s (best of {args.repeats})")

@@ -24,10 +24,13 @@ class DistInfo:
     rank: int = 0  # global rank
     local_rank: int = 0  # rank on this node (picks the GPU)
     world_size: int = 1  # processes in the job
+    launched: bool = False  # started by torchrun (WORLD_SIZE set), even with one process
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Join a process group and wrap in DDP: under torchrun, one process included, so
+        `torchrun --nproc-per-node 1` runs the same NCCL/DDP code as eight GPUs do."""
+        return self.launched or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -36,13 +39,14 @@ class DistInfo:
 
 def from_environment() -> DistInfo:
     """Rank, local rank and world size set by torchrun (a single process when unset)."""
+    launched = "WORLD_SIZE" in os.environ
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
         raise FmkitError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
-    return DistInfo(rank, local, world)
+    return DistInfo(rank, local, world, launched)
 
 
 def init(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> torch.device:
@@ -89,9 +93,25 @@ def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return total / info.world_size
 
 
-def gather_rng_states(info: DistInfo) -> list[torch.Tensor]:
-    """Every rank's torch CPU RNG state (rank order), so resuming on N processes is exact."""
-    state = torch.get_rng_state()
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator (data flips) and, on a GPU, the device's
+    (dropout masks), so a resumed run replays the same draws."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what `rng_state` returned (a checkpoint from the CPU has no CUDA state)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's `rng_state` (rank order), so resuming on N processes is exact."""
+    state = rng_state(device)
     if not info.enabled:
         return [state]
     states = [None] * info.world_size

@@ -101,16 +101,26 @@ class EpochSampler(Sampler[int]):
 
 
 def resolve_device(name: str) -> torch.device:
+    """ "auto", "cpu" or "cuda" as a device. On CUDA this also turns on TF32 matmuls and
+    convolutions, fmkit's default for fp32 work on a GPU (training and sampling alike)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise FmkitError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """Noise and times of step `step` depend only on (seed, step): resumes are exact."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Noise and times of step `step` depend only on (seed, step): resumes are exact.
+
+    The generator lives on the training device, so a GPU draws its own noise instead of
+    waiting for the CPU to draw it and copy it over (a CPU and a GPU run draw different noise).
+    """
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
 
 
 def component_info(kind: str, name: str) -> dict:
@@ -176,9 +186,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
     if main:
         out.mkdir(parents=True, exist_ok=True)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)
 
     # Build model, EMA, optimizer (first: a bad name or option fails before any download).
@@ -240,7 +247,15 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
         ema.updates = meta["ema_updates"]
         saved_world = meta.get("world_size", 1)
         if saved_world == info.world_size:
-            torch.set_rng_state(tensors[f"rng.torch.{info.rank}"])
+            prefix = f"rng.{{}}.{info.rank}"
+            distributed.set_rng_state(
+                {
+                    k: tensors[prefix.format(k)]
+                    for k in ("torch", "cuda")
+                    if prefix.format(k) in tensors
+                },
+                device,
+            )
             note = ""
         else:
             note = (
@@ -270,14 +285,19 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
 
     def save(name: str) -> Path:
         # Collective: every rank sends its RNG state, rank 0 writes the file.
-        rng_states = distributed.gather_rng_states(info)
+        check_finite()  # never write a checkpoint of diverged weights
+        rng_states = distributed.gather_rng_states(info, device)
         path = out / f"checkpoint_{name}.safetensors"
         if not main:
             return path
         tensors = {
             **checkpoint.pack_state("model", model.state_dict()),
             **checkpoint.pack_state("ema", ema.model.state_dict()),
-            **{f"rng.torch.{r}": state for r, state in enumerate(rng_states)},
+            **{
+                f"rng.{kind}.{r}": state
+                for r, states in enumerate(rng_states)
+                for kind, state in states.items()
+            },
         }
         opt_tensors, opt_groups = checkpoint.optimizer_tensors(optimizer)
         tensors.update(opt_tensors)
@@ -295,6 +315,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
         return checkpoint.save(path, tensors, meta)
 
     def sample_grid(name: str) -> None:
+        check_finite()
         if main:
             images = (
                 FlowMatching(ema.model, flow.path).generate(grid_noise.to(device), grid_solver).x
@@ -302,6 +323,33 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
             visualize_samples(
                 images, out / f"{name}.png", nrow=int(math.sqrt(cfg.num_samples)) or 1
             )
+
+    # A non-finite loss or gradient norm is recorded on the device (the first bad step and its
+    # value) and looked at only when the loop synchronises anyway (logs, grids, saves): a
+    # Python `if` on a CUDA tensor every step would stall the CPU until the GPU caught up.
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # step number, 0: none
+    bad_value = torch.zeros((), device=device)
+    bad_is_loss = torch.zeros((), dtype=torch.bool, device=device)
+
+    def record_finite(step_number: int, loss_value: torch.Tensor, norm: torch.Tensor) -> None:
+        loss_ok, norm_ok = torch.isfinite(loss_value), torch.isfinite(norm)
+        new = (first_bad == 0) & ~(loss_ok & norm_ok)
+        first_bad.copy_(torch.where(new, step_number, first_bad))
+        bad_value.copy_(torch.where(new, torch.where(loss_ok, norm, loss_value).float(), bad_value))
+        bad_is_loss.copy_(torch.where(new, ~loss_ok, bad_is_loss))
+
+    def check_finite() -> None:
+        if (bad_step := int(first_bad.item())) == 0:
+            return
+        kept = (
+            f"the last good checkpoint is {last_saved}"
+            if last_saved
+            else "no checkpoint was written yet"
+        )
+        what = "loss" if bad_is_loss.item() else "gradient norm"
+        raise FmkitError(
+            f"{what} became {bad_value.item()} at step {bad_step}; stopped at step {step}, {kept}"
+        )
 
     def due(every: int | None, count: int) -> bool:
         return every is not None and every > 0 and count % every == 0
@@ -332,14 +380,15 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                     break
                 # Noise and times for the whole global batch; this rank takes its slice, so a
                 # step's draws do not depend on the number of processes.
-                gen = step_generator(cfg.seed, step)
-                noise = torch.randn((cfg.batch_size, *shape), generator=gen)
+                gen = step_generator(cfg.seed, step, device)
+                noise = torch.randn((cfg.batch_size, *shape), generator=gen, device=device)
                 times = sample_time(
                     cfg.batch_size,
                     cfg.time_sampling,
                     loc=cfg.time_loc,
                     scale=cfg.time_scale,
                     generator=gen,
+                    device=device,
                 )
                 loss_sum = torch.zeros((), device=device)
                 for m, batch in enumerate(micro):
@@ -359,8 +408,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                     ):
                         loss = flow.loss(
                             x1,
-                            noise=noise[lo : lo + micro_batch].to(device),
-                            t=times[lo : lo + micro_batch].to(device),
+                            noise=noise[lo : lo + micro_batch],
+                            t=times[lo : lo + micro_batch],
                         )
                         (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach() / cfg.grad_accum
@@ -368,15 +417,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                     model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf")
                 )
                 # Gradients are averaged over ranks, so a non-finite one stops every rank alike.
-                if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-                    kept = (
-                        f"the last good checkpoint is {last_saved}"
-                        if last_saved
-                        else "no checkpoint was written yet"
-                    )
-                    value = loss_sum.item() if not torch.isfinite(loss_sum) else grad_norm.item()
-                    what = "loss" if not torch.isfinite(loss_sum) else "gradient norm"
-                    raise FmkitError(f"{what} became {value} at step {step + 1}; stopped, {kept}")
+                record_finite(step + 1, loss_sum, grad_norm)
                 lr = (
                     cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
                 )
@@ -393,6 +434,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
 
                 # Log, sample and save on step intervals.
                 if due(cfg.log_every, step):
+                    check_finite()
                     loss_sum = distributed.mean(loss_sum, info)  # collective: every rank
                 if main and due(cfg.log_every, step):
                     elapsed = time.perf_counter() - window_start

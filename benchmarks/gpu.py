@@ -1,0 +1,380 @@
+"""Every GPU path of fmkit in one run, with the figures that say whether it is fast.
+
+    bash benchmarks/gpu.sh            # on a GPU machine: <= 8 minutes on one H100
+    python benchmarks/gpu.py --smoke  # the same stages, tiny, on the CPU (CI runs this)
+
+Stages (each one's failure is reported and makes the run exit 1; the others still run):
+  train    the 35.7M UNet (DDPM's CIFAR-10 configuration) at 64x64, batch 128, on a prepared
+           synthetic array, through `fmkit train`: fp32 (TF32), bf16, bf16 + torch.compile
+           (channels_last and fused AdamW on CUDA throughout); images/s after warm-up, peak
+           memory, and MFU from FLOPs counted by torch.utils.flop_counter on the real training
+           step against the card's dense bf16 peak; plus a bare loop at bf16 + compile.
+  sample   1,000 images with Euler 20 and dopri5 from the trained checkpoint (`fmkit sample`).
+  torchrun `torchrun --nproc-per-node 1` (NCCL on a GPU) for a few steps, then a resume, and
+           the weight difference to an uninterrupted run.
+  fid      `fmkit eval fid` on the device with a random-weights Inception file.
+
+Prints one Markdown table; `--json FILE` also writes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fmkit.config import TrainConfig
+from fmkit.plugins import registry
+from fmkit.train import train
+
+HERE = Path(__file__).resolve().parent
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM
+    "H200": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+}
+
+FULL = {
+    "image_size": 64,
+    "batch_size": 128,
+    "unet": {"base_channels": 128},  # 35,746,307 parameters: DDPM's CIFAR-10 UNet
+    "warmup": 15,  # steps before timing (compilation, autotuning); also the metrics window
+    "steps": 45,  # timed steps
+    "images": 2048,  # synthetic training images
+    "samples": 1000,
+    "sample_batch": 500,
+    "small_unet": ["base_channels=32", "channel_mult=1,2,2", "attn_resolutions=8"],
+}
+SMOKE = {
+    "image_size": 16,
+    "batch_size": 8,
+    "unet": {
+        "base_channels": 8,
+        "channel_mult": (1, 2),
+        "attn_resolutions": (8,),
+        "num_res_blocks": 1,
+    },
+    "warmup": 2,
+    "steps": 2,
+    "images": 32,
+    "samples": 16,
+    "sample_batch": 8,
+    "small_unet": [
+        "base_channels=8",
+        "channel_mult=1,2",
+        "attn_resolutions=8",
+        "num_res_blocks=1",
+    ],
+}
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return value
+    return None
+
+
+def step_flops(cfg: dict, device: torch.device) -> int:
+    """FLOPs of one training step (forward + backward of the backbone on the flow-matching
+    loss), counted by torch.utils.flop_counter on the real model and batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fmkit.flow import FlowMatching
+
+    model = registry("backbones").build(
+        "unet", cfg["unet"], image_size=cfg["image_size"], channels=3
+    )
+    flow = FlowMatching(model.to(device), "linear")
+    x1 = torch.rand(cfg["batch_size"], 3, cfg["image_size"], cfg["image_size"], device=device)
+    with FlopCounterMode(display=False) as counter:
+        flow.loss(x1 * 2 - 1).backward()
+    return counter.get_total_flops()
+
+
+def run(cmd: list[str], timeout: float = 600) -> str:
+    """Run a command; its combined output, or an exception holding the output's tail."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd)}\n{output[-3000:]}")
+    return output
+
+
+def fmkit_cli(*args) -> list[str]:
+    return [sys.executable, "-m", "fmkit", *map(str, args)]
+
+
+def stage_train(cfg, work, device, peak, results, rows) -> Path:
+    train_step = load_benchmark("train_step")
+    data = train_step.synthetic_prepared(work / "data", cfg["image_size"], cfg["images"])
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    flops = step_flops(cfg, device)
+    results["flops_per_step"] = flops
+    common = dict(
+        steps=cfg["steps"],
+        warmup=cfg["warmup"],
+        batch_size=cfg["batch_size"],
+        image_size=cfg["image_size"],
+        unet=cfg["unet"],
+        device=device.type,
+        num_workers=workers,
+    )
+    modes = [("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)]
+    last = None
+    for label, precision, compiled in modes:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out = work / f"train-{label}"
+        ips = train_step.fmkit_loop(data, out, precision=precision, compile=compiled, **common)
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
+        mfu = flops * ips / cfg["batch_size"] / (peak * 1e12) if peak else None
+        results[f"train_{label}"] = {"images_per_s": ips, "peak_gib": peak_mem, "mfu": mfu}
+        rows.append(
+            (
+                f"fmkit train {label}",
+                f"{ips:,.0f} img/s, peak {peak_mem:.1f} GiB, MFU "
+                + (f"{100 * mfu:.1f}%" if mfu is not None else "n/a"),
+            )
+        )
+        last = out
+    bare = train_step.bare_loop(data, precision="bf16", compile=True, **common)
+    ratio = results["train_bf16+compile"]["images_per_s"] / bare
+    results["bare_bf16+compile"] = {"images_per_s": bare, "trainer_ratio": ratio}
+    rows.append(("bare loop bf16+compile", f"{bare:,.0f} img/s; trainer/bare {ratio:.3f}"))
+    return last
+
+
+def stage_sample(cfg, work, device, run_dir, results, rows) -> None:
+    for solver, extra in (("euler", ["--steps", 20]), ("dopri5", [])):
+        output = run(
+            fmkit_cli(
+                "sample",
+                "--checkpoint",
+                run_dir,
+                "--solver",
+                solver,
+                *extra,
+                "--num-samples",
+                cfg["samples"],
+                "--batch-size",
+                cfg["sample_batch"],
+                "--device",
+                device.type,
+                "--output",
+                work / f"samples-{solver}",
+            )
+        )
+        nfe = [int(n) for n in re.findall(r"batch \d+/\d+: \d+ images, NFE (\d+)", output)]
+        ips = float(re.search(r"([\d.]+) images/s", output).group(1))
+        results[f"sample_{solver}"] = {"images_per_s": ips, "nfe": nfe}
+        rows.append((f"sample {solver}", f"{ips:,.1f} img/s, NFE per batch {nfe}"))
+
+
+def stage_torchrun(cfg, work, device, data, results, rows) -> None:
+    from fmkit import checkpoint
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+    def fmkit_torchrun(out: Path, steps: int, *extra) -> str:
+        args = ["train", "--dataset", "prepared", "--data-dir", data]
+        args += ["--image-size", cfg["image_size"], "--batch-size", 16, "--max-steps", steps]
+        args += ["--save-every-steps", 3, "--num-samples", 4, "--sample-steps", 2]
+        args += ["--device", device.type, "--output", out, *extra]
+        for opt in cfg["small_unet"]:
+            args += ["--backbone-opt", opt]
+        return run([*launcher, "--nproc-per-node", "1", "-m", "fmkit", *map(str, args)])
+
+    fmkit_torchrun(work / "tr-full", 6)
+    fmkit_torchrun(work / "tr-split", 3)
+    resumed = fmkit_torchrun(work / "tr-split", 6, "--resume")
+    if "resumed from" not in resumed:
+        raise RuntimeError(f"the torchrun resume did not resume:\n{resumed[-2000:]}")
+    full, meta = checkpoint.load(work / "tr-full" / "checkpoint_final.safetensors")
+    split, _ = checkpoint.load(work / "tr-split" / "checkpoint_final.safetensors")
+    keys = [k for k in full if k.startswith("model.")]
+    diff = max((full[k].float() - split[k].float()).abs().max().item() for k in keys)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    results["torchrun"] = {
+        "backend": backend,
+        "resume_max_abs_diff": diff,
+        "meta_world": meta["world_size"],
+    }
+    exact = "bit-exact" if diff == 0 else f"max |diff| {diff:.2e} after resume"
+    rows.append((f"torchrun 1 proc ({backend}) + resume", f"ok; vs uninterrupted: {exact}"))
+
+
+def random_inception(path: Path) -> Path:
+    """A randomly initialised Inception-v3 in torch-fidelity's weights format (no download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    # Building the network normally loads the official weights; skip that once.
+    load_url, load_sd = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.load_state_dict_from_url = lambda *args, **kwargs: {}
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *args, **kwargs: None
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.load_state_dict_from_url = load_url
+        fe.FeatureExtractorInceptionV3.load_state_dict = load_sd
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def stage_fid(cfg, work, device, run_dir, data, results, rows) -> None:
+    weights = random_inception(work / "inception.pth")
+    start = time.perf_counter()
+    output = run(
+        fmkit_cli(
+            "eval",
+            "fid",
+            "--checkpoint",
+            run_dir,
+            "--data-dir",
+            data,
+            "--num-samples",
+            cfg["samples"],
+            "--batch-size",
+            cfg["sample_batch"],
+            "--solver",
+            "euler",
+            "--steps",
+            20,
+            "--max-reference-images",
+            cfg["samples"],
+            "--inception-weights",
+            weights,
+            "--cache-dir",
+            work / "fid-cache",
+            "--device",
+            device.type,
+        )
+    )
+    seconds = time.perf_counter() - start
+    fid = float(re.search(r"FID ([\d.eE+-]+)", output).group(1))
+    results["fid"] = {"fid_random_inception": fid, "wall_s": seconds}
+    rows.append(("eval fid (random Inception)", f"FID {fid:.4g}; {seconds:.0f} s end to end"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak [default: by name]")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    parser.add_argument(
+        "--stages",
+        default="train,sample,fid,torchrun",
+        help="comma-separated subset (sample and fid need train)",
+    )
+    args = parser.parse_args()
+    cfg = SMOKE if args.smoke else FULL
+    device_name = "cpu" if args.smoke and args.device == "auto" else args.device
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
+    )
+    peak = peak_tflops(device, args.peak_tflops)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    results: dict = {
+        "device": card,
+        "torch": torch.__version__,
+        "peak_bf16_tflops": peak,
+        "settings": {k: v for k, v in cfg.items() if k != "small_unet"},
+    }
+    rows: list[tuple[str, str]] = []
+    failed: list[str] = []
+    began = time.perf_counter()
+
+    def stage(name: str, body: Callable[[], object]):
+        start = time.perf_counter()
+        try:
+            value = body()
+        except Exception:
+            failed.append(name)
+            rows.append((name, "FAILED (traceback above)"))
+            print(f"\n=== stage {name} FAILED ===", file=sys.stderr)
+            traceback.print_exc()
+            return None
+        print(f"stage {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        return value
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        wanted = set(args.stages.split(","))
+        if wanted & {"train", "sample", "fid"}:
+            run_dir = stage("train", lambda: stage_train(cfg, work, device, peak, results, rows))
+        else:
+            train_step = load_benchmark("train_step")
+            run_dir = None
+            train_step.synthetic_prepared(work / "data", cfg["image_size"], cfg["images"])
+        data = work / "data" / "prepared"
+        for name, body in (
+            ("sample", lambda: stage_sample(cfg, work, device, run_dir, results, rows)),
+            ("fid", lambda: stage_fid(cfg, work, device, run_dir, data, results, rows)),
+        ):
+            if name not in wanted:
+                continue
+            if run_dir is None:
+                failed.append(name)
+                rows.append((name, "not run: training failed"))
+            else:
+                stage(name, body)
+        if "torchrun" in wanted:
+            stage("torchrun", lambda: stage_torchrun(cfg, work, device, data, results, rows))
+    results["wall_s"] = time.perf_counter() - began
+    results["failed"] = failed
+
+    print(f"\n# {card}, torch {torch.__version__}, dense bf16 peak {peak} TFLOP/s")
+    print(
+        f"# UNet {cfg['unet']} at {cfg['image_size']}x{cfg['image_size']}, batch "
+        f"{cfg['batch_size']}, {cfg['steps']} steps timed after {cfg['warmup']}; "
+        f"{results.get('flops_per_step', 0) / 1e12:.3f} TFLOP per training step"
+    )
+    print("| stage | result |\n| --- | --- |")
+    for name, text in rows:
+        print(f"| {name} | {text} |")
+    print(f"total {results['wall_s']:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if failed:
+        print(f"FAILED stages: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,9 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fmkit.config import TrainConfig
 from fmkit.plugins import registry
-from fmkit.train import train
 
 HERE = Path(__file__).resolve().parent
 

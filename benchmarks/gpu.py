@@ -60,7 +60,7 @@ FULL = {
     "images": 2048,  # synthetic training images
     "samples": 1000,
     "sample_batch": 500,
-    "small_unet": ["base_channels=32", "channel_mult=1,2,2", "attn_resolutions=8"],
+    "small_unet": ["base_channels=32", "channel_mult=1,2,2", "attn_resolutions=16"],
 }
 SMOKE = {
     "image_size": 16,

@@ -124,3 +124,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+    # Checkpoints store contiguous tensors; give each moment its parameter's strides back
+    # (channels_last on a GPU), which fused AdamW requires.
+    for param, entries in optimizer.state.items():
+        for name, value in entries.items():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                entries[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)

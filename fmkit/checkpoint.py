@@ -23,7 +23,8 @@ def save(path: Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
     """Write `tensors` and JSON-able `metadata` to `path` atomically.
 
     The bytes go to a temporary file in the same directory, are fsynced, and replace `path` in
-    one rename: a crash or kill at any moment leaves the previous file intact.
+    one rename: a crash or kill at any moment leaves the previous file intact. The file gets
+    the permissions the umask gives (mkstemp alone would make it private to its owner).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,7 @@ def save(path: Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
     )
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
@@ -49,23 +51,81 @@ def save(path: Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
     return path
 
 
-def load(path: Path) -> tuple[dict[str, Tensor], dict]:
-    """Read a checkpoint: (tensors, metadata). Anything but a valid fmkit safetensors file is a
-    clear error; pickle-based files (`torch.save`, `.pt`) are refused unread."""
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+_PICKLE = "a pickle/torch.save file"  # the short reason _inspect gives for one
+
+
+def read_metadata(path: Path) -> dict:
+    """The fmkit metadata of a checkpoint, read from its header alone (a few kilobytes of a
+    file that can hold gigabytes of tensors). Raises FmkitError for anything but a complete
+    fmkit safetensors file: pickles and zip archives (`torch.save`) are named as such."""
     path = Path(path)
     if not path.is_file():
         raise FmkitError(f"checkpoint {path} does not exist")
-    data = path.read_bytes()
-    if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise FmkitError(
-            f"{path} is a pickle/torch.save file; fmkit only loads .safetensors checkpoints "
-            "because unpickling can run arbitrary code"
-        )
+    metadata, reason = _inspect(path)
+    if metadata is None:
+        if reason == _PICKLE:
+            raise FmkitError(
+                f"{path} is {reason}; fmkit only loads .safetensors checkpoints because "
+                "unpickling can run arbitrary code"
+            )
+        raise FmkitError(f"{path} is not a readable fmkit checkpoint ({reason})")
+    return metadata
+
+
+def _inspect(path: Path) -> tuple[dict | None, str]:
+    """(metadata, "") for a complete fmkit checkpoint, else (None, short reason)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header = _parse_header(f, head, size)
+    if header is None:
+        # Not safetensors; only now is the first byte's meaning worth a guess.
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            return None, _PICKLE
+        return None, "corrupt or truncated"
     try:
-        (header_len,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + header_len])
-        metadata = json.loads(header.get("__metadata__", {})["fmkit"])
-        tensors = load_bytes(data)
+        return json.loads(header["__metadata__"]["fmkit"]), ""
+    except (KeyError, TypeError, ValueError):
+        return None, "a safetensors file without fmkit metadata"
+
+
+def _parse_header(f, head: bytes, size: int) -> dict | None:
+    """The safetensors header (8-byte little-endian length, then JSON) when `f` is a complete
+    safetensors file of `size` bytes, else None. A safetensors file may begin with any byte,
+    so this check comes before any guess from magic numbers."""
+    if len(head) < 8:
+        return None
+    (length,) = struct.unpack("<Q", head)
+    if length > size - 8 or length > 100 * 2**20:
+        return None
+    try:
+        header = json.loads(f.read(length))
+    except ValueError:
+        return None
+    if not isinstance(header, dict):
+        return None
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    if 8 + length + max(ends, default=0) != size:  # truncated (or padded) data
+        return None
+    return header
+
+
+def load(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """Read a checkpoint: (tensors, metadata). Anything but a valid fmkit safetensors file is a
+    clear error; pickle-based files (`torch.save`, `.pt`) are refused unread."""
+    metadata = read_metadata(path)
+    try:
+        tensors = load_bytes(Path(path).read_bytes())
     except Exception:
         raise FmkitError(
             f"{path} is not a readable fmkit checkpoint (corrupt or truncated)"
@@ -74,16 +134,26 @@ def load(path: Path) -> tuple[dict[str, Tensor], dict]:
 
 
 def find_latest(run_dir: Path) -> Path | None:
-    """The checkpoint in `run_dir` with the highest step (newest file on ties)."""
-    best, best_key = None, None
-    for path in Path(run_dir).glob(f"checkpoint_*{SUFFIX}"):
-        try:
-            _, metadata = load(path)
-        except FmkitError:
-            continue  # a damaged file never hides a good one
+    """The checkpoint in `run_dir` with the highest step (newest file on ties); None when the
+    directory holds no checkpoint files. Only headers are read.
+
+    A damaged file never hides a good one; but when there are checkpoint files and none of
+    them can be read, that is an error naming them, never a silent fresh start.
+    """
+    best, best_key, unreadable = None, None, []
+    for path in sorted(Path(run_dir).glob(f"checkpoint_*{SUFFIX}")):
+        metadata, reason = _inspect(path)
+        if metadata is None:
+            unreadable.append(f"{path.name} ({reason})")
+            continue
         key = (metadata.get("step", -1), path.stat().st_mtime)
         if best_key is None or key > best_key:
             best, best_key = path, key
+    if best is None and unreadable:
+        raise FmkitError(
+            f"no readable checkpoint in {run_dir}: {'; '.join(unreadable)}; "
+            "they were left untouched"
+        )
     return best
 
 

@@ -32,13 +32,23 @@ class FixedStepSolver(Solver):
         self.grid_power = grid_power
 
     def solve(self, velocity: Velocity, x0: Tensor, times: Tensor) -> Tensor:
-        t0, t1 = float(times[0]), float(times[-1])
-        u = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
-        grid = (t0 + (t1 - t0) * (1 - (1 - u) ** self.grid_power)).to(times.device, times.dtype)
+        grid = self.grid(float(times[0]), float(times[-1])).to(times.device, times.dtype)
         # The grid is fixed by `steps`; `times` only chooses which states are returned, so a
         # trajectory request does not change the result.
         options = {"grid_constructor": lambda func, y0, t: grid}
         return odeint(velocity, x0, times, method=self.method, options=options)
+
+    def grid(self, t0: float, t1: float) -> Tensor:
+        """The steps' end points, (steps + 1,) from t0 to t1 (float64).
+
+        The grid is built on the ascending interval and reversed when time runs backwards
+        (the likelihood integrates 1 -> 0), so grid_power > 1 is dense near the data end in
+        both directions.
+        """
+        lo, hi = min(t0, t1), max(t0, t1)
+        u = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
+        grid = lo + (hi - lo) * (1 - (1 - u) ** self.grid_power)
+        return grid if t0 <= t1 else grid.flip(0)
 
 
 class AdaptiveSolver(Solver):
@@ -59,7 +69,20 @@ class AdaptiveSolver(Solver):
         self.atol = atol
 
     def solve(self, velocity: Velocity, x0: Tensor, times: Tensor) -> Tensor:
-        return odeint(velocity, x0, times, method=self.method, rtol=self.rtol, atol=self.atol)
+        lo, hi = times.min(), times.max()
+
+        def inside(t: Tensor, x: Tensor) -> Tensor:
+            # Only the initial step-size probe can land outside: it evaluates at t0 + h0 for a
+            # heuristic h0. Every real step stops at the requested times (step_t below).
+            return velocity(t.clamp(lo, hi), x)
+
+        # step_t makes every step end exactly on the requested times instead of overshooting
+        # the last one and interpolating back: a flow model is never asked about t > 1 (or
+        # t < 0 when integrating backwards), times it was never trained on.
+        options = {"step_t": times}
+        return odeint(
+            inside, x0, times, method=self.method, rtol=self.rtol, atol=self.atol, options=options
+        )
 
 
 def _fixed(method: str, doc: str):

@@ -103,3 +103,38 @@ def test_grid_power_moves_steps_to_the_data_end_without_changing_nfe():
     # Still converges to the closed form.
     fine = integrate(build_solver("rk4", steps=50, options={"grid_power": 3.0}), decay, x0 + 1, t)
     assert abs(fine.x.item() - math.exp(-1)) < 1e-6
+
+
+def slow(t, x):  # a nearly still field: the step-size heuristic then proposes a huge first step
+    return 1e-4 * x
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+@pytest.mark.parametrize("field", [decay, time_dependent, slow])
+@pytest.mark.parametrize("times", [[0.0, 1.0], [1.0, 0.0], [0.0, 0.3, 1.0]])
+def test_solvers_never_evaluate_outside_the_requested_times(name, field, times):
+    seen = []
+
+    def record(t, x):
+        seen.append(float(t))
+        return field(t, x)
+
+    times = torch.tensor(times, dtype=torch.float64)
+    x0 = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 1, 2, 2)
+    integrate(build_solver(name, steps=10), record, x0, times)
+    lo, hi = times.min().item(), times.max().item()
+    assert seen and min(seen) >= lo and max(seen) <= hi, (min(seen), max(seen))
+
+
+def test_grid_power_is_dense_near_the_data_end_when_time_runs_backwards():
+    seen = []
+
+    def record(t, x):
+        seen.append(float(t))
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    t = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    integrate(build_solver("euler", steps=4, options={"grid_power": 2.0}), record, x0, t)
+    # The forward grid 0, 0.4375, 0.75, 0.9375, 1 walked from 1 down to 0.
+    assert seen == pytest.approx([1.0, 1 - 0.25**2, 1 - 0.5**2, 1 - 0.75**2])

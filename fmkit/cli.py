@@ -14,6 +14,7 @@ from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.evaluate import (
     BACKEND_MODE,
+    RESIZE,
     WEIGHTS_ENV,
     backend_name,
     generate,
@@ -569,6 +570,11 @@ def _evaluate_one(flow, cfg, net, ref, wanted, solver_name, solver, options, com
         "reference": {**ref.description, "stats_file": str(ref.path), "cached": ref.cached},
         "backend": backend_name(),
         "mode": BACKEND_MODE,
+        "inception": {
+            "implementation": f"{backend_name()} {BACKEND_MODE}",
+            "weights": net.weights_id,
+            "resize": RESIZE,
+        },
         "checkpoint": str(common["ckpt"]),
     }
 
@@ -648,8 +654,14 @@ def eval_nll(
     data = build_dataset(
         dataset or cfg.dataset, data_dir or cfg.data_dir, cfg.image_size, split, options, flip=False
     )
+    served = getattr(data, "split", split)
+    if served is None:
+        click.echo(
+            f"note: dataset '{dataset or cfg.dataset}' has no splits; --split {split} is ignored "
+            "and its images are scored as they are"
+        )
     built = build_solver(solver, options=parse_options(solver_opts, "--solver-opt"))
-    report = bits_per_dim(flow, data, built, num_images, batch_size, seed)
+    report = {**bits_per_dim(flow, data, built, num_images, batch_size, seed), "split": served}
     click.echo(
         f"{report['bits_per_dim']:.4f} bits/dim ± {report['stderr']:.4f} over {report['images']} images "
         f"({solver}, mean NFE {report['mean_nfe']:.1f})"
@@ -701,7 +713,7 @@ def _prepare_array_command(name: str) -> click.Command:
         source = {
             "dataset": name,
             "data_dir": str(Path(data_dir).resolve()),
-            "split": split,
+            "split": getattr(dataset, "split", split),  # None: the source has no splits
             "options": options,
         }
         write_array(dataset, out, source)

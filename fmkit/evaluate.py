@@ -24,8 +24,11 @@ from fmkit.solver import Solver
 BACKEND_MODE = (
     "inception-v3-compat"  # torch-fidelity's port of the TF FID Inception, pool3 features
 )
+# How images reach the network: torch-fidelity's port resizes like TensorFlow 1 did.
+RESIZE = "uint8 images, bilinear resize to 299x299 as TensorFlow 1 does (torch-fidelity)"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "FMKIT_INCEPTION_WEIGHTS"
+PRC_SEED = 2020  # picks the reference subsample for precision/recall
 
 
 def default_cache_dir() -> Path:
@@ -181,7 +184,12 @@ def reference(
 
 
 def load_reference(path: Path, cached: bool = False) -> Reference:
-    """A reference statistics file (as fmkit caches them): tensors mu, sigma [, features]."""
+    """Reference statistics: a file fmkit cached (.safetensors: mu, sigma [, features]) or the
+    `.npz` (mu, sigma) of pytorch-fid / clean-fid, in which published CelebA-64 statistics
+    come (e.g. fid_stats_celeba64_train_50000_ddim.npz); read without unpickling anything."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return _load_npz_reference(path)
     from safetensors import safe_open
 
     try:
@@ -191,11 +199,37 @@ def load_reference(path: Path, cached: bool = False) -> Reference:
         mu, sigma = tensors["mu"].double(), tensors["sigma"].double()
     except Exception:
         raise FmkitError(
-            f"{path} is not a reference statistics file (.safetensors with mu and sigma)"
+            f"{path} is not a reference statistics file (.safetensors with mu and sigma, "
+            "or a pytorch-fid/clean-fid .npz)"
         ) from None
     features = tensors.get("features")
+    meta = {"source": "fmkit reference statistics", **meta}
+    return Reference(mu, sigma, None if features is None else features.double(), path, meta, cached)
+
+
+def _load_npz_reference(path: Path) -> Reference:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    except Exception as exc:
+        raise FmkitError(
+            f"{path} is not a readable .npz of FID statistics with arrays mu and sigma "
+            f"({type(exc).__name__}; pickled object arrays are refused)"
+        ) from None
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise FmkitError(
+            f"{path}: mu {mu.shape} and sigma {sigma.shape} are not Inception pool features "
+            "(2048,) and (2048, 2048)"
+        )
+    description = {
+        "source": "external .npz (pytorch-fid / clean-fid format); its dataset, crop, resize "
+        "and Inception port are whatever produced the file",
+        "file": path.name,
+    }
     return Reference(
-        mu, sigma, None if features is None else features.double(), Path(path), meta, cached
+        torch.from_numpy(mu), torch.from_numpy(sigma), None, path, description, cached=False
     )
 
 
@@ -265,6 +299,15 @@ def score(
                 kid["kernel_inception_distance_std"],
             )
         if "prc" in metrics:
+            # Precision/recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric
+            # for Assessing Generative Models") compares equally many real and generated images;
+            # torch-fidelity also builds a dense real x real distance matrix, which for a whole
+            # training split (CelebA: 162,770) would need over 100 GB. So the reference is a
+            # fixed-seed subsample of as many images as were generated.
+            if len(real) > len(gen):
+                pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(PRC_SEED))
+                real = real[pick[: len(gen)]]
+            results["prc_reference_images"] = len(real)
             prc = prc_features_to_metric(
                 gen,
                 real,

@@ -82,6 +82,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
         box: crop box applied before resizing (None: centred square of each image).
         flip: mirror each image with probability 1/2 (training augmentation).
         labels: optional (N, ...) tensor; items become (image, label) when given.
+        split: the split these files are ("train", "test", ...); None when the source has no
+            splits (evaluation says so rather than pretend to score held-out images).
 
     Items are (3, image_size, image_size) float tensors, or (image, label) tuples.
     """
@@ -93,8 +95,10 @@ class ImageFileDataset(torch.utils.data.Dataset):
         box: Box | None = None,
         flip: bool = True,
         labels: Tensor | None = None,
+        split: str | None = None,
     ) -> None:
         self.files = list(files)
+        self.split = split
         self.image_size = image_size
         self.box = box
         self.flip = flip

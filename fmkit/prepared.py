@@ -74,11 +74,20 @@ class PreparedArray(torch.utils.data.Dataset):
     Args:
         root: the prepared directory.
         image_size: must equal the size the cache was written at.
+        split: the split asked for; must be the one the array was prepared from, when
+            meta.json records one (`split` then says which it is; None when unrecorded).
         flip: random horizontal flips.
         labels: return (image, label) items (needs labels.npy).
     """
 
-    def __init__(self, root: Path, image_size: int, flip: bool = True, labels: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        image_size: int,
+        split: str | None = None,
+        flip: bool = True,
+        labels: bool = False,
+    ):
         root = Path(root)
         if not (root / META).is_file():
             raise FmkitError(f"{root} is not a prepared dataset (no {META}); see `fmkit prepare`")
@@ -87,6 +96,14 @@ class PreparedArray(torch.utils.data.Dataset):
             raise FmkitError(
                 f"{root} was prepared at {self.meta['image_size']}x{self.meta['image_size']}, "
                 f"not {image_size}x{image_size}; prepare it again with --image-size {image_size}"
+            )
+        source = self.meta.get("source", {})
+        self.split = source.get("split")
+        if split is not None and self.split is not None and split != self.split:
+            raise FmkitError(
+                f"{root} holds the '{self.split}' split of {source.get('dataset', 'a dataset')}, "
+                f"not '{split}'; prepare that split into another directory (fmkit prepare "
+                f"{source.get('dataset', 'NAME')} --split {split} --out DIR)"
             )
         self.root = root
         self.flip = flip

@@ -192,7 +192,9 @@ def celeba(
         )
     attr_names, attrs = read_attributes(folder / "list_attr_celeba.txt")
     label_tensor = torch.tensor([attrs[n] for n in names], dtype=torch.long) if labels else None
-    dataset = CelebA([images / n for n in names], image_size, CROPS[crop], flip, label_tensor)
+    dataset = CelebA(
+        [images / n for n in names], image_size, CROPS[crop], flip, label_tensor, split=split
+    )
     dataset.attributes = attr_names
     return dataset
 

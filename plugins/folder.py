@@ -63,8 +63,8 @@ def folder(
         flip: random horizontal flips (training augmentation).
         verify: decode every file once up front and skip unreadable ones.
     """
-    # A folder has no official partition: every split is the whole folder.
-    return ImageFileDataset(scan(Path(root), verify), image_size, box=None, flip=flip)
+    # A folder has no official partition: every split is the whole folder (split=None says so).
+    return ImageFileDataset(scan(Path(root), verify), image_size, box=None, flip=flip, split=None)
 
 
 @hookimpl

@@ -13,9 +13,10 @@ def prepared(
 ) -> PreparedArray:
     """A cache written by `fmkit prepare` (memory-mapped uint8; the fastest loader).
 
-    --data-dir is the directory given to `fmkit prepare --out`; the split was chosen then.
+    --data-dir is the directory given to `fmkit prepare --out`; the split was chosen then, and
+    asking for another one is an error.
     """
-    return PreparedArray(Path(root), image_size, flip=flip, labels=labels)
+    return PreparedArray(Path(root), image_size, split, flip=flip, labels=labels)
 
 
 @hookimpl

@@ -132,6 +132,8 @@ def test_eval_fid_and_sweep_from_the_cli(weights, faces, tmp_path, run_cli):
     assert line.startswith(f"FID {record['fid']:.4g}, KID ") and "mean NFE 3.0" in line
     assert record["mean_nfe"] == 3 and record["num_samples"] == 12
     assert {"kid_mean", "precision", "recall", "wall_s", "images_per_s"} <= set(record)
+    # Precision/recall compares equally many real images (16 in the folder) and samples (12).
+    assert record["prc_reference_images"] == 12
     assert record["reference"]["dataset"] == "folder" and record["reference"]["image_size"] == 16
     assert (
         record["backend"].startswith("torch-fidelity") and record["mode"] == "inception-v3-compat"
@@ -261,3 +263,71 @@ def test_eval_nll_on_a_tiny_trained_model(faces, tmp_path, run_cli):
     assert f"{report['bits_per_dim']:.4f} bits/dim ± " in result.output
     _, meta = checkpoint.load(run / "checkpoint_final.safetensors")
     assert meta["config"]["dataset"] == "folder"
+
+
+def test_eval_nll_never_scores_training_images_as_test_images(faces, tmp_path, run_cli):
+    from fmkit.data import build_dataset
+    from fmkit.prepared import write_array
+
+    # A prepared array records the split it was made from (here as `fmkit prepare celeba
+    # --split train` would); a checkpoint trained on it is then scored on the test split.
+    source = build_dataset("folder", str(faces), 16, options={"flip": False})
+    prepared = write_array(source, tmp_path / "prepared", {"dataset": "celeba", "split": "train"})
+    run = tmp_path / "run"
+    common = ["--image-size", 16, "--batch-size", 4, "--max-steps", 1, "--num-samples", 1]
+    trained = run_cli(
+        "train", "--dataset", "prepared", "--data-dir", prepared, *common, "--output", run, *TINY
+    )
+    assert trained.exit_code == 0, trained.output
+    line = one_line_error(run_cli("eval", "nll", "--checkpoint", run, "--num-images", 2))
+    assert "holds the 'train' split of celeba, not 'test'" in line
+    # A folder has no splits: said in one line, and the report records it.
+    result = run_cli(
+        "eval", "nll", "--checkpoint", run, "--dataset", "folder", "--data-dir", faces,
+        "--num-images", 2, "--solver-opt", "rtol=1e-3", "--solver-opt", "atol=1e-3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "note: dataset 'folder' has no splits; --split test is ignored" in result.output
+    assert json.loads(result.output[result.output.index("{") :])["split"] is None
+    scored = run_cli(
+        "eval", "nll", "--checkpoint", run, "--split", "train", "--num-images", 2,
+        "--solver-opt", "rtol=1e-3", "--solver-opt", "atol=1e-3",
+    )  # fmt: skip
+    assert json.loads(scored.output[scored.output.index("{") :])["split"] == "train"
+
+
+def test_published_npz_statistics_are_accepted_and_pickles_refused(
+    weights, faces, tmp_path, run_cli
+):
+    import numpy as np
+
+    run = tmp_path / "run"
+    trained = run_cli(
+        "train", "--dataset", "folder", "--data-dir", faces, "--image-size", 16,
+        "--batch-size", 4, "--max-steps", 1, "--num-samples", 1, "--output", run, *TINY,
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    common = ["--checkpoint", run, "--inception-weights", weights, "--num-samples", 6]
+    common += ["--batch-size", 6, "--solver", "euler", "--steps", 2]
+    cached = run_cli(
+        "eval", "fid", *common, "--cache-dir", tmp_path / "cache", "--json", tmp_path / "a.json"
+    )
+    assert cached.exit_code == 0, cached.output
+    first = json.loads((tmp_path / "a.json").read_text())
+    # The same statistics as pytorch-fid / clean-fid store them.
+    ref = reference(
+        load_inception(weights), "folder", str(faces), "train", 16, {}, tmp_path / "cache"
+    )
+    npz = tmp_path / "fid_stats_faces16.npz"
+    np.savez(npz, mu=ref.mu.numpy(), sigma=ref.sigma.numpy())
+    again = run_cli("eval", "fid", *common, "--reference-stats", npz, "--json", tmp_path / "b.json")
+    assert again.exit_code == 0, again.output
+    second = json.loads((tmp_path / "b.json").read_text())
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
+    assert second["reference"]["file"] == npz.name and "npz" in second["reference"]["source"]
+    assert second["inception"]["resize"].startswith("uint8 images, bilinear resize to 299x299")
+    assert "inception-v3-compat" in second["inception"]["implementation"]
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, mu=np.array([{"a": 1}], dtype=object), sigma=np.zeros((2, 2)))
+    line = one_line_error(run_cli("eval", "fid", *common, "--reference-stats", evil))
+    assert "pickled object arrays are refused" in line

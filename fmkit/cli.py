@@ -279,7 +279,15 @@ _DEFAULTS = TrainConfig()
     type=click.Choice(["auto", "cpu", "cuda"]),
 )
 @click.option(
-    "--num-workers", default=_DEFAULTS.num_workers, show_default=True, type=click.IntRange(0)
+    "--num-workers",
+    type=click.IntRange(0),
+    help="DataLoader workers [default: 0 on the CPU, up to 8 per GPU].",
+)
+@click.option(
+    "--cache-dataset/--no-cache-dataset",
+    default=_DEFAULTS.cache_dataset,
+    show_default=True,
+    help="Decode image files once into a prepared array in $FMKIT_CACHE (~/.cache/fmkit).",
 )
 @click.option(
     "--precision",
@@ -299,6 +307,16 @@ _DEFAULTS = TrainConfig()
     default=_DEFAULTS.compile,
     show_default=True,
     help="torch.compile the backbone.",
+)
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="NHWC memory format for the backbone [default: on CUDA only].",
+)
+@click.option(
+    "--fused-adamw/--no-fused-adamw",
+    default=None,
+    help="One-kernel AdamW [default: on CUDA only].",
 )
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
 @click.pass_context

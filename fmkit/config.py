@@ -40,9 +40,12 @@ class TrainConfig:
     output: str = "results"  # run directory
     seed: int = 0  # seeds data order, noise, times and initialisation
     device: str = "auto"  # auto, cpu or cuda
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int | None = None  # DataLoader workers (None: 0 on the CPU, up to 8 per GPU)
+    cache_dataset: bool = True  # decode image files once into a prepared array in $FMKIT_CACHE
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16
     compile: bool = False  # torch.compile the backbone for training
+    channels_last: bool | None = None  # NHWC memory format (None: on CUDA only)
+    fused_adamw: bool | None = None  # one-kernel AdamW (None: on CUDA only)
     dist_timeout: float = 600.0  # seconds a rank waits for the others before failing
 
     @classmethod

@@ -25,6 +25,7 @@ class DistInfo:
     local_rank: int = 0  # rank on this node (picks the GPU)
     world_size: int = 1  # processes in the job
     launched: bool = False  # started by torchrun (WORLD_SIZE set), even with one process
+    local_world_size: int = 1  # processes on this node (they share its CPU cores)
 
     @property
     def enabled(self) -> bool:
@@ -44,9 +45,10 @@ def from_environment() -> DistInfo:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
         raise FmkitError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
-    return DistInfo(rank, local, world, launched)
+    return DistInfo(rank, local, world, launched, local_world)
 
 
 def init(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> torch.device:
@@ -71,6 +73,12 @@ def shutdown() -> None:
     """Leave the process group; safe to call when none was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every rank gets here (e.g. until one has written a shared cache)."""
+    if info.enabled:
+        dist.barrier()
 
 
 def all_min(value: int, info: DistInfo) -> int:

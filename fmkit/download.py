@@ -7,8 +7,10 @@ import hashlib
 import http.client
 import os
 import socket
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -143,3 +145,36 @@ def _explain_html(url: str, page: str) -> str:
     else:
         why = "the server returned a web page"
     return f"{url} sent an HTML page instead of the file: {why}"
+
+
+def unreachable(urls: list[str], timeout: float = 5.0) -> dict[str, str]:
+    """Why each of `urls` whose host cannot be reached is unreachable (a short reason); the
+    reachable ones are left out. Hosts are tried at once, in parallel, for at most about
+    `timeout` seconds: a machine without network learns it in seconds, not after minutes of
+    retries per file.
+    """
+    reasons: dict[str, str] = {}
+
+    def probe(url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except socket.gaierror:
+            reasons[url] = f"cannot resolve {host}"
+        except TimeoutError:
+            reasons[url] = f"{host} did not answer within {timeout:g} s"
+        except OSError as exc:
+            reasons[url] = f"cannot connect to {host} ({exc.strerror or type(exc).__name__})"
+
+    # Daemon threads: a resolver that hangs must not keep the process alive after the error.
+    threads = [threading.Thread(target=probe, args=(url,), daemon=True) for url in urls]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + 1
+    for url, thread in zip(urls, threads, strict=True):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            reasons.setdefault(url, f"{urllib.parse.urlsplit(url).hostname} did not answer")
+    return reasons

@@ -19,6 +19,7 @@ from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
 from fmkit.flow import FlowMatching
 from fmkit.metrics import frechet_distance, gaussian_stats
+from fmkit.prepared import cache_root
 from fmkit.solver import Solver
 
 BACKEND_MODE = (
@@ -32,7 +33,7 @@ PRC_SEED = 2020  # picks the reference subsample for precision/recall
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FMKIT_CACHE", Path.home() / ".cache" / "fmkit")) / "fid"
+    return cache_root() / "fid"
 
 
 def _fidelity():

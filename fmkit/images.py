@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,6 +109,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def cache_key(self) -> dict:
+        """What the decoded pixels depend on: the files (path, size, modification time), the
+        crop, the size and the labels. fmkit caches decoded copies under this key."""
+        stats = []
+        for f in self.files:
+            st = os.stat(f)
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        labels = None
+        if self.labels is not None:
+            labels = hashlib.sha1(self.labels.numpy().tobytes()).hexdigest()
+        files = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
+        return {"files": files, "box": self.box, "image_size": self.image_size, "labels": labels}
 
     def pixels(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 pixels of item `index`, cropped and resized, not flipped."""

@@ -9,9 +9,11 @@ Layout of a prepared directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,38 +27,92 @@ from fmkit.images import batch_to_tensor, to_uint8
 META = "meta.json"
 
 
-def write_array(dataset, out: Path, source: dict, progress: bool = True) -> Path:
+def write_array(
+    dataset,
+    out: Path,
+    source: dict,
+    progress: bool = True,
+    num_workers: int = 0,
+    desc: str = "prepare",
+) -> Path:
     """Write every item of a map-style `dataset` (without flips) to `out`.
 
     Items are (3, S, S) tensors in [-1, 1] or (image, label) tuples; a dataset with a
-    `pixels(index)` method is read as uint8 directly (no float round trip).
+    `pixels(index)` method is read as uint8 directly (no float round trip). `num_workers`
+    processes decode in parallel.
     """
     if not hasattr(dataset, "__len__") or len(dataset) == 0:
         raise FmkitError("only a non-empty map-style dataset can be prepared")
     out = Path(out)
-    staging = out.with_name(out.name + ".partial")
+    # A staging name of this process's own: concurrent writers (nodes sharing a cache
+    # directory) never write into each other's files.
+    staging = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     first = _pixels(dataset, 0)
     images = np.lib.format.open_memmap(
         staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(dataset), *first.shape)
     )
-    labels = []
-    for i in tqdm(range(len(dataset)), desc="prepare", unit="img", disable=not progress):
-        images[i] = first if i == 0 else _pixels(dataset, i)
-        if getattr(dataset, "labels", None) is not None:
-            labels.append(np.asarray(dataset.labels[i]))
+    # Its own generator: writing the cache never moves the global RNG that training draws from.
+    loader = torch.utils.data.DataLoader(
+        _Pixels(dataset),
+        batch_size=256,
+        num_workers=num_workers,
+        collate_fn=np.stack,
+        generator=torch.Generator(),
+    )
+    with tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress) as bar:
+        done = 0
+        for batch in loader:
+            images[done : done + len(batch)] = batch
+            done += len(batch)
+            bar.update(len(batch))
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        np.save(staging / "labels.npy", np.stack([np.asarray(x) for x in labels]).astype(np.int64))
     images.flush()
     del images
-    if labels:
-        np.save(staging / "labels.npy", np.stack(labels).astype(np.int64))
     meta = {"count": len(dataset), "image_size": int(first.shape[0]), "source": source}
     (staging / META).write_text(json.dumps(meta, indent=2))
     # Replace the old cache only once the new one is complete.
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return out
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Item i of a dataset as (S, S, 3) uint8 pixels, for parallel decoding."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return _pixels(self.dataset, index)
+
+
+def cache_root() -> Path:
+    """fmkit's cache directory: $FMKIT_CACHE, else ~/.cache/fmkit."""
+    return Path(os.environ.get("FMKIT_CACHE", Path.home() / ".cache" / "fmkit"))
+
+
+def decoded_cache_dir(dataset, source: dict) -> Path | None:
+    """Where the decoded copy of `dataset` lives in the cache, or None when the dataset cannot
+    say what its content is (it needs `cache_key()`, e.g. image files, and `pixels(i)`).
+
+    The key covers the source (dataset name, root, split, options) and the content (which
+    files, their sizes and times, crop and size), so a changed file means a new copy.
+    """
+    if not (callable(getattr(dataset, "cache_key", None)) and hasattr(dataset, "pixels")):
+        return None
+    blob = json.dumps({"source": source, "content": dataset.cache_key()}, sort_keys=True)
+    key = hashlib.sha1(blob.encode()).hexdigest()[:16]
+    split = f"-{source['split']}" if source.get("split") else ""
+    name = f"{source.get('dataset')}{split}-{dataset.image_size}px-{key}"
+    return cache_root() / "prepared" / name
 
 
 def _pixels(dataset, index: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from fmkit.data import build_dataset, make_loader
 from fmkit.errors import FmkitError
 from fmkit.flow import FlowMatching, sample_time
 from fmkit.plugins import plugin_info, registry
+from fmkit.prepared import PreparedArray, decoded_cache_dir, write_array
 from fmkit.solver import build_solver
 from fmkit.visualize import visualize_samples
 
@@ -114,6 +116,46 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def default_workers(device: torch.device, info: distributed.DistInfo) -> int:
+    """DataLoader workers when --num-workers is not given: none on the CPU (they would take
+    cores from the model), and this process's share of the cores, up to 8, on a GPU."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // info.local_world_size))
+
+
+def decoded(dataset, cfg: TrainConfig, info: distributed.DistInfo, progress: bool):
+    """`dataset` read from its decoded copy in fmkit's cache, written on first use, so image
+    files are decoded, cropped and resized once rather than every epoch of every run.
+    Datasets that cannot describe their content (streams, custom ones) are returned as is."""
+    source = {
+        "dataset": cfg.dataset,
+        "data_dir": str(Path(cfg.data_dir).resolve()),
+        "split": getattr(dataset, "split", "train"),
+        "options": {k: v for k, v in sorted(cfg.dataset_opts.items()) if k != "flip"},
+    }
+    cache = decoded_cache_dir(dataset, source)
+    if cache is None:
+        return dataset
+    if not (cache / "meta.json").is_file() and info.local_rank == 0:  # one writer per node
+        workers = min(8, os.cpu_count() or 1) if len(dataset) >= 2048 else 0
+        write_array(
+            dataset,
+            cache,
+            source,
+            progress=progress and info.is_main,
+            num_workers=workers,
+            desc=f"decoding once into {cache}",
+        )
+    distributed.barrier(info)
+    return PreparedArray(
+        cache,
+        cfg.image_size,
+        flip=getattr(dataset, "flip", False),
+        labels=getattr(dataset, "labels", None) is not None,
+    )
+
+
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Noise and times of step `step` depend only on (seed, step): resumes are exact.
 
@@ -183,9 +225,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
     micro_batch = local_batch // cfg.grad_accum  # images per forward/backward
     device = distributed.init(info, resolve_device(cfg.device), cfg.dist_timeout)
     main = info.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
 
     # Build model, EMA, optimizer (first: a bad name or option fails before any download).
@@ -194,11 +236,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
         .build(cfg.backbone, cfg.backbone_opts, image_size=cfg.image_size, channels=cfg.channels)
         .to(device)
     )
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format)
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+    # Fused AdamW (one kernel for all parameters) by default on CUDA; torch >= 2.4 also has it
+    # on the CPU, where --fused-adamw lets a test run what a GPU run runs.
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
     )
     trained: nn.Module = model
     ddp: DistributedDataParallel | None = None
@@ -214,6 +258,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
 
     # Load dataset.
     dataset = build_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, "train", cfg.dataset_opts)
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device, info)
+    if cfg.cache_dataset:
+        dataset = decoded(dataset, cfg, info, progress)
     iterable = isinstance(dataset, IterableDataset)
     if not iterable and len(dataset) < cfg.batch_size:
         raise FmkitError(
@@ -225,7 +272,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
     loader = make_loader(
         dataset,
         micro_batch,
-        cfg.num_workers,
+        workers,
         sampler=sampler,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed + info.rank),
@@ -264,7 +311,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
             )
         if main:
             print(f"resumed from {latest} at step {step} (epoch {epoch}){note}")
-    if main:
+    if main:  # only now: a run that cannot start (no data, bad options) leaves nothing behind
+        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     steps_per_epoch = sampler.batches if sampler is not None else None
@@ -395,8 +443,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, info: distributed.Dis
                     x1 = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(
                         device, non_blocking=True
                     )
-                    if device.type == "cuda":
-                        x1 = x1.contiguous(memory_format=torch.channels_last)
+                    x1 = x1.contiguous(memory_format=memory_format)
                     lo = info.rank * local_batch + m * micro_batch
                     # Only the last micro-batch all-reduces. no_sync is asked of the DDP
                     # wrapper itself: a compiled module does not expose it.

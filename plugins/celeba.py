@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from fmkit import FmkitError, hookimpl
-from fmkit.download import DownloadError, download, md5sum
+from fmkit.download import DownloadError, download, md5sum, unreachable
 from fmkit.images import Box, ImageFileDataset, center_square
 
 
@@ -55,34 +55,31 @@ def _valid(path: Path, md5: str) -> bool:
     return path.is_file() and md5sum(path) == md5
 
 
-def _fetch(spec: CelebAFile, folder: Path, mirror_url: str | None, hf_repo: str, hf_revision: str):
-    """Get one file into `folder`, trying each source in turn; returns the failure reasons."""
-    dest = folder / spec.name
-    failures = []
-    sources = (
-        [("mirror", f"{mirror_url.rstrip('/')}/{spec.name}")]
-        if mirror_url
-        else [("Google Drive", GDRIVE_URL.format(id=spec.gdrive_id)), ("Hugging Face", None)]
-    )
-    for label, url in sources:
-        try:
-            if url is not None:
-                download(url, dest, spec.md5)
-            else:
-                _from_hub(spec, dest, hf_repo, hf_revision)
-            return []
-        except DownloadError as exc:
-            failures.append(f"{label}: {exc}")
-        except Exception as exc:  # hub client errors (offline, missing file, ...)
-            failures.append(f"{label} {hf_repo}: {type(exc).__name__}: {exc}".splitlines()[0])
-    return failures
+def _sources(mirror_url: str | None, hf_endpoint: str | None) -> dict[str, str]:
+    """label -> base URL of each place the files may come from, in the order they are tried."""
+    if mirror_url:
+        return {"mirror": mirror_url.rstrip("/")}
+    from huggingface_hub import constants
+
+    return {"Google Drive": GDRIVE_URL, "Hugging Face": hf_endpoint or constants.ENDPOINT}
 
 
-def _from_hub(spec: CelebAFile, dest: Path, repo: str, revision: str) -> None:
+def _fetch(label: str, base: str, spec: CelebAFile, dest: Path, hf_repo: str, revision: str):
+    if label == "Google Drive":
+        download(base.format(id=spec.gdrive_id), dest, spec.md5)
+    elif label == "Hugging Face":
+        _from_hub(spec, dest, hf_repo, revision, base)
+    else:
+        download(f"{base}/{spec.name}", dest, spec.md5)
+
+
+def _from_hub(spec: CelebAFile, dest: Path, repo: str, revision: str, endpoint: str) -> None:
     # hf_hub_download honours HF_HUB_OFFLINE and reuses the hub cache.
     from huggingface_hub import hf_hub_download
 
-    cached = Path(hf_hub_download(repo, spec.name, repo_type="dataset", revision=revision))
+    cached = Path(
+        hf_hub_download(repo, spec.name, repo_type="dataset", revision=revision, endpoint=endpoint)
+    )
     if md5sum(cached) != spec.md5:
         raise DownloadError(f"{spec.name} from {repo}@{revision} does not match the official MD5")
     part = dest.with_name(dest.name + ".part")
@@ -91,7 +88,12 @@ def _from_hub(spec: CelebAFile, dest: Path, repo: str, revision: str) -> None:
 
 
 def prepare_files(
-    folder: Path, download_missing: bool, mirror_url: str | None, hf_repo: str, hf_revision: str
+    folder: Path,
+    download_missing: bool,
+    mirror_url: str | None,
+    hf_repo: str,
+    hf_revision: str,
+    hf_endpoint: str | None = None,
 ) -> None:
     """Make sure the partition, attributes and extracted images are in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -100,13 +102,39 @@ def prepare_files(
     missing = [f for f in needed if not _valid(folder / f.name, f.md5)]
     if missing and not download_missing:
         raise FmkitError(_manual_help(folder, "downloading is turned off (download=False)"))
-    failures = []
-    for spec in missing:
-        failures += _fetch(spec, folder, mirror_url, hf_repo, hf_revision)
-    if failures:
-        raise FmkitError(_manual_help(folder, "; ".join(failures)))
+    if missing:
+        sources = _sources(mirror_url, hf_endpoint)
+        # One short reason per source. A host that cannot be reached is not asked again for
+        # each file (the hub cache still answers offline when HF_HUB_OFFLINE is set).
+        probed = {k: v for k, v in sources.items() if not (k == "Hugging Face" and _hub_offline())}
+        dead = unreachable(list(probed.values()))
+        failures = {label: dead[url] for label, url in probed.items() if url in dead}
+        alive = {label: base for label, base in sources.items() if label not in failures}
+        for spec in missing:
+            for label, base in alive.items():
+                try:
+                    _fetch(label, base, spec, folder / spec.name, hf_repo, hf_revision)
+                    break
+                except Exception as exc:  # DownloadError, hub client errors (offline, 404, ...)
+                    failures.setdefault(label, _short(exc))
+        if any(not _valid(folder / f.name, f.md5) for f in missing):
+            reasons = "; ".join(f"{label}: {why}" for label, why in failures.items())
+            raise FmkitError(_manual_help(folder, reasons))
     if not images_ready:
         _extract(folder / FILES[0].name, folder)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, DownloadError):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _extract(archive: Path, folder: Path) -> None:
@@ -123,10 +151,8 @@ def _extract(archive: Path, folder: Path) -> None:
 def _manual_help(folder: Path, reason: str) -> str:
     names = ", ".join(f.name for f in FILES)
     return (
-        f"could not get CelebA ({reason}). Download {names} from "
-        "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (Img/ and Eval/, Anno/ folders) and "
-        f"put them in {folder.resolve()}/ (the zip may be replaced by its extracted folder "
-        f"{IMAGES_DIR}/); fmkit checks their MD5s and downloads nothing when they are there."
+        f"could not get CelebA ({reason}). Put {names} from "
+        f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html in {folder.resolve()}/ (MD5-checked)"
     )
 
 
@@ -170,6 +196,7 @@ def celeba(
     mirror_url: str | None = None,
     hf_repo: str = HF_MIRROR,
     hf_revision: str = "main",
+    hf_endpoint: str | None = None,
 ) -> CelebA:
     """CelebA faces, downloaded on first use into DATA_DIR/celeba (official partition).
 
@@ -178,9 +205,11 @@ def celeba(
         crop: ddim (128x128 at x=89, y=121), center140, or full (centred 178x178).
         labels: items become (image, 40 attributes in {0, 1}).
         download: fetch missing files; mirror_url: fetch BASE/<file name> instead.
+        hf_repo, hf_revision, hf_endpoint: the Hugging Face copy tried after Google Drive
+            (endpoint default: $HF_ENDPOINT, else huggingface.co).
     """
     folder = Path(root) / "celeba"
-    prepare_files(folder, download, mirror_url, hf_repo, hf_revision)
+    prepare_files(folder, download, mirror_url, hf_repo, hf_revision, hf_endpoint)
     partition = read_partition(folder / "list_eval_partition.txt")
     names = sorted(n for n, s in partition.items() if split == "all" or s == SPLITS[split])
     images = folder / IMAGES_DIR

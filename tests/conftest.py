@@ -3,10 +3,13 @@ test process, and tests that need a plugin register it in a fixture."""
 
 import os
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 os.environ["FMKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+# Decoded-dataset caches and FID statistics go to a directory of this test session's own.
+os.environ["FMKIT_CACHE"] = tempfile.mkdtemp(prefix="fmkit-test-cache-")
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
@@ -86,7 +89,7 @@ def run_fmkit(*args, env_extra=None, cwd=None):
     """Run `python -m fmkit ARGS` in a subprocess with plugin autoload on."""
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_") or k == "FMKIT_CACHE"}
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "fmkit", *map(str, args)],

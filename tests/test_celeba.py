@@ -218,3 +218,27 @@ def test_no_network_says_where_to_put_the_files(tmp_path, server, run_cli):
     line = one_line_error(result)
     assert "could not get CelebA" in line and "img_align_celeba.zip" in line
     assert str((tmp_path / "celeba").resolve()) in line
+
+
+def test_first_run_without_network_fails_fast_in_one_line(tmp_path, monkeypatch, run_cli):
+    # Hosts under .invalid never resolve (RFC 2606): what a machine without network sees for
+    # both default sources. Nothing may be retried for minutes, and no run directory is left.
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(celeba_plugin, "GDRIVE_URL", "https://drive.fmkit-test.invalid/{id}")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.fmkit-test.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    result = run_cli("train", "--backbone", "unet", "--dataset", "celeba")
+    seconds = time.monotonic() - start
+    line = one_line_error(result)
+    assert seconds < 10, seconds
+    assert "Google Drive: cannot resolve drive.fmkit-test.invalid" in line
+    assert "Hugging Face: cannot resolve hub.fmkit-test.invalid" in line
+    assert line.count("cannot resolve") == 2  # one reason per source, not per file
+    assert f"in {(tmp_path / 'data' / 'celeba').resolve()}/" in line
+    assert len(line) - len(str(tmp_path)) < 300
+    assert not (tmp_path / "results").exists()

@@ -106,7 +106,7 @@ def test_resume_from_a_checkpoint_whose_header_starts_with_0x80(tmp_path, faces,
     tensors, meta = checkpoint.load(final)
     # Re-save the same checkpoint with metadata padded until its header length is 128 mod 256
     # (first byte 0x80, as a pickle's): the only checkpoint of the run.
-    for pad in range(64):
+    for pad in range(256):
         checkpoint.save(final, tensors, {**meta, "pad": "x" * pad})
         if final.read_bytes()[0] == 0x80:
             break
@@ -131,3 +131,22 @@ def test_resume_over_only_unreadable_checkpoints_stops_and_keeps_them(tmp_path, 
     assert "checkpoint_step_9.safetensors (corrupt or truncated)" in line
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (pickled, cut)} == before
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in before)
+
+
+def test_optimizer_moments_get_their_parameters_layout_back():
+    # Fused AdamW on CUDA needs moments with the strides of channels_last parameters; a
+    # checkpoint stores them contiguous. (Found on an H200: resuming crashed.)
+    conv = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(conv.parameters(), lr=1e-3)
+    conv(torch.randn(2, 4, 8, 8)).square().mean().backward()
+    opt.step()
+    tensors, groups = checkpoint.optimizer_tensors(opt)
+    stored = {k: v.contiguous() for k, v in tensors.items()}  # as a checkpoint holds them
+    restored = torch.optim.AdamW(conv.parameters(), lr=1e-3)
+    checkpoint.load_optimizer(restored, stored, groups)
+    weight = conv.weight
+    assert not weight.is_contiguous()
+    for name in ("exp_avg", "exp_avg_sq"):
+        moment = restored.state[weight][name]
+        assert moment.stride() == weight.stride(), name
+        assert torch.equal(moment, opt.state[weight][name])

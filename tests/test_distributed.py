@@ -19,7 +19,7 @@ def env(extra=None):
     e = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("FMKIT_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        if not k.startswith(("FMKIT_", "RANK", "WORLD_SIZE", "LOCAL_RANK")) or k == "FMKIT_CACHE"
     }
     e["FMKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     e.update(extra or {})

@@ -79,7 +79,7 @@ def test_writing_plugins_walkthrough_installs_and_works(tmp_path):
         capture_output=True,
         timeout=300,
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_") or k == "FMKIT_CACHE"}
     env.update(PYTHONPATH=str(site), FMKIT_STRICT_PLUGINS="1")
     listed = subprocess.run(
         [sys.executable, "-m", "fmkit", "list", "backbones"],

@@ -35,7 +35,7 @@ def test_built_wheel_contains_and_loads_builtin_plugins(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     # Import from the unpacked wheel, not from the source tree or the editable install.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_") or k == "FMKIT_CACHE"}
     env["PYTHONPATH"] = str(site)
     code = (
         "import fmkit, fmkit_plugins, sys; from fmkit.cli import main;"

@@ -63,7 +63,7 @@ def test_installed_distribution_is_listed_and_buildable(tmp_path):
 def _env(extra):
     import os
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_") or k == "FMKIT_CACHE"}
     env.update(extra)
     return env
 

@@ -388,3 +388,33 @@ def test_resume_restores_the_ema_exactly(tmp_path, faces, run_cli):
         weights(full / "checkpoint_final.safetensors"),
     )
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("ema."))
+
+
+def test_decoded_images_are_cached_once_and_match_the_files(tmp_path, faces, run_cli, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FMKIT_CACHE", str(cache))
+    plain = [
+        *train_args(faces, tmp_path / "plain", "--max-steps", 3),
+        "--dataset-opt",
+        "flip=false",
+    ]
+    assert run_cli(*plain, "--no-cache-dataset").exit_code == 0
+    assert not cache.exists()  # turned off: nothing written
+    first = [*train_args(faces, tmp_path / "a", "--max-steps", 3), "--dataset-opt", "flip=false"]
+    assert run_cli(*first).exit_code == 0
+    (written,) = (cache / "prepared").iterdir()
+    assert written.name.startswith("folder-16px-") and (written / "images.npy").is_file()
+    # The cached pixels are the decoded files' pixels: training is identical either way.
+    a, b = (
+        weights(tmp_path / "plain" / "checkpoint_final.safetensors"),
+        weights(tmp_path / "a" / "checkpoint_final.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A later run reuses it; a changed image makes a new copy.
+    stamp = (written / "images.npy").stat().st_mtime_ns
+    assert run_cli(*train_args(faces, tmp_path / "b", "--max-steps", 1)).exit_code == 0
+    assert [p.name for p in (cache / "prepared").iterdir()] == [written.name]
+    assert (written / "images.npy").stat().st_mtime_ns == stamp
+    write_image(faces / "00.png", size=(20, 20), color=(0, 255, 0))
+    assert run_cli(*train_args(faces, tmp_path / "c", "--max-steps", 1)).exit_code == 0
+    assert len(list((cache / "prepared").iterdir())) == 2

@@ -61,12 +61,7 @@ def main() -> None:
         (tmp / "jpegs").mkdir()
         write_jpegs(tmp / "jpegs", args.images)
         folder = build_dataset("folder", str(tmp / "jpegs"), args.image_size)
-        write_array(
-            build_dataset("folder", str(tmp / "jpegs"), args.image_size, options={"flip": False}),
-            tmp / "prepared",
-            {"dataset": "folder"},
-            progress=False,
-        )
+        write_array(folder, tmp / "prepared", {"dataset": "folder"}, progress=False)
         write_shards(tmp / "jpegs", tmp / "shards")
         sources = {
             "folder (JPEG decode)": folder,

@@ -29,11 +29,10 @@ from torch import nn
 
 from fmkit import checkpoint
 from fmkit.config import TrainConfig
+from fmkit.generator import Generator
 from fmkit.metrics import feature_distance
-from fmkit.options import parse_options
 from fmkit.prepared import write_array
-from fmkit.sample import load_flow
-from fmkit.solver import build_solver
+from fmkit.solver import solver_from_spec
 from fmkit.train import train
 
 SIZE = 16
@@ -172,12 +171,8 @@ def run_recipe(
     noise = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
     def score(path, ema, solver):
-        flow, _, _ = load_flow(path, ema=ema)
         # "euler:20" or "euler:20:grid_power=2": method, step count, solver options.
-        method, *rest = solver.split(":")
-        steps = int(rest[0]) if rest and rest[0] else None
-        built = build_solver(method, steps=steps, options=parse_options(rest[1:], "--solvers"))
-        solution = flow.generate(noise, built)
+        solution = Generator.load(path, ema=ema).generate(noise, solver_from_spec(solver))
         return feature_distance(features(classifier, solution.x), reference), solution.nfe
 
     final = run / "checkpoint_final.safetensors"
@@ -194,7 +189,9 @@ def run_recipe(
     for solver in solvers:
         fd, nfe = score(final, True, solver)
         result["final"][solver] = {"fd": fd, "nfe": nfe}
-    by_step = {checkpoint.load(p)[1]["step"]: p for p in run.glob("checkpoint_step_*.safetensors")}
+    by_step = {
+        checkpoint.read_metadata(p)["step"]: p for p in run.glob("checkpoint_step_*.safetensors")
+    }
     by_step.setdefault(max_steps, final)
     for step, path in sorted(by_step.items()):
         ema_fd, _ = score(path, True, "euler:20")

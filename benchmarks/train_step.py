@@ -38,7 +38,7 @@ def synthetic_prepared(root: Path, image_size: int, count: int = 512) -> Path:
     for i in range(count):
         pixels = rng.integers(0, 255, (image_size + 8, image_size + 8, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / "img" / f"{i}.png")
-    folder = build_dataset("folder", str(root / "img"), image_size, options={"flip": False})
+    folder = build_dataset("folder", str(root / "img"), image_size)
     return write_array(folder, root / "prepared", {"dataset": "folder"}, progress=False)
 
 

@@ -11,10 +11,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
+from fmkit.batch import UNSPECIFIED, Batch, Condition, DataSpec
 from fmkit.data import load_celeba_data
 from fmkit.errors import FmkitError
 from fmkit.flow import FlowMatching, sample_time
+from fmkit.generator import Generator, ModelSpec
 from fmkit.hookspecs import hookimpl
+from fmkit.objective import Draws, Loss, Objective
 from fmkit.options import parse_options
 from fmkit.path import PathSample, ProbabilityPath
 from fmkit.plugins import list_plugins, registry
@@ -34,8 +37,17 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "UNSPECIFIED",
+    "Batch",
+    "Condition",
+    "DataSpec",
+    "Draws",
     "FlowMatching",
     "FmkitError",
+    "Generator",
+    "Loss",
+    "ModelSpec",
+    "Objective",
     "PathSample",
     "ProbabilityPath",
     "Registry",

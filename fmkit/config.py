@@ -1,57 +1,215 @@
-"""Training configuration: one dataclass, stored in checkpoints as a dict, rebuilt with
-`TrainConfig(**d)`."""
+"""Training configuration: one dataclass, the single source of truth for `fmkit train`'s flags
+(their help, types and ranges live with each field), TOML files, and the config stored in
+checkpoints (as a dict, rebuilt with `TrainConfig.from_dict`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fmkit.errors import FmkitError
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    min_open: bool = False,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    zero_is_none: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    """A TrainConfig field with what its flag needs.
+
+    Args:
+        help: the flag's help text (also what the field means).
+        min, min_open, max: the accepted range of a number.
+        choices: the accepted strings.
+        zero_is_none: the flag takes 0 to mean None ("off").
+    """
+    metadata = {
+        "help": help,
+        "min": min,
+        "min_open": min_open,
+        "max": max,
+        "choices": choices,
+        "zero_is_none": zero_is_none,
+        "metavar": metavar,
+    }
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
-    backbone: str = "unet"  # registered backbone name
-    backbone_opts: dict = field(default_factory=dict)  # options for the backbone factory
-    dataset: str = "celeba"  # registered dataset name
-    dataset_opts: dict = field(default_factory=dict)  # options for the dataset factory
-    path: str = "linear"  # registered probability path name
-    path_opts: dict = field(default_factory=dict)  # options for the path factory
-    data_dir: str = "./data"  # dataset root (celeba downloads into DATA_DIR/celeba)
-    image_size: int = 64  # training resolution (square)
-    channels: int = 3  # image channels
-    batch_size: int = 32  # images per optimizer step, over all processes (global batch)
-    grad_accum: int = 1  # micro-batches accumulated per optimizer step (per process)
-    epochs: int = 50  # passes over the data (ignored when max_steps is set)
-    max_steps: int | None = None  # stop after this many optimizer steps (None: use epochs)
-    lr: float = 3e-4  # AdamW learning rate after warm-up (see docs/training.md for why)
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear learning-rate warm-up from 0 (0: none)
-    grad_clip: float | None = 1.0  # max global gradient norm (None: no clipping)
-    ema_decay: float = 0.9999  # target EMA decay
-    ema_warmup: float = 10.0  # update n uses min(ema_decay, n / (n + ema_warmup)); 0: no ramp
-    time_sampling: str = "uniform"  # training times: uniform, logit_normal or edm
-    time_loc: float = 0.0  # logit_normal location (0: centred on t = 0.5)
-    time_scale: float = 1.0  # logit_normal scale
-    save_every: int | None = 10  # checkpoint every N epochs (None: off)
-    sample_every: int | None = 5  # sample grid every N epochs (None: off)
-    save_every_steps: int | None = None  # checkpoint every N steps (None: off)
-    sample_every_steps: int | None = None  # sample grid every N steps (None: off)
-    num_samples: int = 64  # images in each sample grid
-    sample_steps: int = 100  # Euler steps for grids
-    log_every: int = 50  # steps between metrics.jsonl lines
-    output: str = "results"  # run directory
-    seed: int = 0  # seeds data order, noise, times and initialisation
-    device: str = "auto"  # auto, cpu or cuda
-    num_workers: int | None = None  # DataLoader workers (None: 0 on the CPU, up to 8 per GPU)
-    cache_dataset: bool = True  # decode image files once into a prepared array in $FMKIT_CACHE
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16
-    compile: bool = False  # torch.compile the backbone for training
-    channels_last: bool | None = None  # NHWC memory format (None: on CUDA only)
-    fused_adamw: bool | None = None  # one-kernel AdamW (None: on CUDA only)
-    dist_timeout: float = 600.0  # seconds a rank waits for the others before failing
+    backbone: str = option("unet", "Registered backbone (fmkit list backbones).")
+    backbone_opts: dict = option({}, "Option for the backbone (see `fmkit show backbones NAME`).")
+    dataset: str = option("celeba", "Registered dataset (fmkit list datasets).")
+    dataset_opts: dict = option({}, "Option for the dataset (see `fmkit show datasets NAME`).")
+    path: str = option("linear", "Registered probability path (fmkit list paths).")
+    path_opts: dict = option({}, "Option for the path (see `fmkit show paths NAME`).")
+    objective: str = option("flow_matching", "Registered training objective.")
+    objective_opts: dict = option(
+        {}, "Option for the objective (see `fmkit show objectives NAME`)."
+    )
+    condition: str = option(
+        "none",
+        "Train on the dataset's conditions: none (ignore them), class or attributes.",
+        choices=("none", "class", "attributes"),
+    )
+    data_dir: str = option("./data", "Dataset root (celeba downloads into DATA_DIR/celeba).")
+    split: str = option("train", "Dataset split to train on (e.g. celeba: train, valid, all).")
+    image_size: int = option(64, "Training resolution (square).", min=1)
+    channels: int = option(3, "Image channels, for datasets that do not describe theirs.", min=1)
+    hflip: bool = option(True, "Random horizontal flips, drawn per image from the step's seed.")
+    batch_size: int = option(
+        32, "Global batch: split over torchrun processes and --grad-accum micro-batches.", min=1
+    )
+    grad_accum: int = option(1, "Micro-batches per optimizer step (per process).", min=1)
+    epochs: int = option(50, "Passes over the data (ignored when --max-steps is set).", min=1)
+    max_steps: int | None = option(
+        None, "Stop after N optimizer steps (overrides --epochs).", min=1
+    )
+    lr: float = option(3e-4, "AdamW learning rate after warm-up.", min=0, min_open=True)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
+    warmup_steps: int = option(0, "Linear learning-rate warm-up from 0 (0: none).", min=0)
+    grad_clip: float | None = option(
+        1.0, "Max global gradient norm (0: off).", min=0, zero_is_none=True
+    )
+    ema_decay: float = option(0.9999, "Target EMA decay.", min=0, max=1)
+    ema_warmup: float = option(
+        10.0, "EMA decay ramp: update n uses min(--ema-decay, n / (n + W)); 0 turns it off.", min=0
+    )
+    time_sampling: str = option(
+        "uniform",
+        "Training times of flow matching: uniform, logit_normal (--time-loc/--time-scale) or edm.",
+        choices=("uniform", "logit_normal", "edm"),
+    )
+    time_loc: float = option(0.0, "logit_normal location (0: centred on t = 0.5).")
+    time_scale: float = option(1.0, "logit_normal scale.", min=0, min_open=True)
+    save_every: int | None = option(
+        10, "Checkpoint every N epochs (0: off).", min=0, zero_is_none=True
+    )
+    sample_every: int | None = option(
+        5, "Sample grid every N epochs (0: off).", min=0, zero_is_none=True
+    )
+    save_every_steps: int | None = option(None, "Checkpoint every N steps.", min=1)
+    sample_every_steps: int | None = option(None, "Sample grid every N steps.", min=1)
+    num_samples: int = option(64, "Images per grid.", min=1)
+    sample_steps: int = option(100, "Euler steps for grids.", min=1)
+    log_every: int = option(50, "Steps per metrics.jsonl line.", min=1)
+    output: str = option("results", "Run directory.")
+    seed: int = option(0, "Seeds data order, noise, times, flips and initialisation.")
+    device: str = option("auto", "Device.", choices=("auto", "cpu", "cuda"))
+    num_workers: int | None = option(
+        None, "DataLoader workers [default: 0 on the CPU, up to 8 per GPU].", min=0
+    )
+    cache_dataset: bool = option(
+        True, "Decode image files once into a prepared array in $FMKIT_CACHE (~/.cache/fmkit)."
+    )
+    precision: str = option(
+        "auto",
+        "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16.",
+        choices=("auto", "fp32", "bf16"),
+    )
+    compile: bool = option(False, "torch.compile the backbone for training.")
+    channels_last: bool | None = option(None, "NHWC memory format [default: on CUDA only].")
+    fused_adamw: bool | None = option(None, "One-kernel AdamW [default: on CUDA only].")
+    dist_timeout: float = option(
+        600.0, "Seconds a rank waits for the others under torchrun before failing.", min=1
+    )
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        """Rebuild from a dict (a checkpoint's, or merged flags); keys of older versions are
+        carried over (see `normalise`), unknown ones ignored."""
+        data = normalise(data)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Options of the flow-matching objective that also have train flags of their own (from before
+# objectives were plugins); they reach the objective when its factory takes them.
+OBJECTIVE_FLAGS = ("time_sampling", "time_loc", "time_scale")
+
+
+def objective_options(cfg: TrainConfig, accepts) -> dict:
+    """The objective's options: --objective-opt values, plus the flags in OBJECTIVE_FLAGS that
+    the objective takes (`accepts(name)`); setting one it does not take is an error."""
+    options = dict(cfg.objective_opts)
+    defaults = TrainConfig()
+    for name in OBJECTIVE_FLAGS:
+        value = getattr(cfg, name)
+        if accepts(name):
+            options.setdefault(name, value)
+        elif value != getattr(defaults, name):
+            flag = "--" + name.replace("_", "-")
+            raise FmkitError(
+                f"{flag} is an option of flow matching; objective '{cfg.objective}' has none"
+            )
+    return options
+
+
+def normalise(values: dict) -> dict:
+    """Flags, TOML keys and old checkpoints' configs in today's form: 0 means None where a
+    field says so; `flip` and `split`, once dataset options, are the train options `hflip` and
+    `split`; `labels` (ignored by training then) is dropped."""
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for name, f in by_name.items():
+        if f.metadata.get("zero_is_none") and values.get(name) == 0:
+            values[name] = None
+    dataset_opts = dict(values.get("dataset_opts") or {})
+    if "flip" in dataset_opts:
+        values.setdefault("hflip", bool(dataset_opts.pop("flip")))
+    if "split" in dataset_opts:
+        values["split"] = dataset_opts.pop("split")
+    if "labels" in dataset_opts:  # once a dataset option; the labels were never trained on
+        dataset_opts.pop("labels")
+    if "dataset_opts" in values:
+        values["dataset_opts"] = dataset_opts
+    return values
+
+
+def read_toml(path: Path) -> dict:
+    """A TOML file of train options (the flags' names, `-` or `_`); unknown keys are errors."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FmkitError(f"{path}: {exc}") from None
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise FmkitError(
+            f"{path}: unknown key '{unknown[0]}'; keys are the train flags, e.g. batch_size"
+        )
+    return data
+
+
+def resolve(flags: dict[str, Any], given: set[str], toml: Path | None = None) -> TrainConfig:
+    """The config of a `fmkit train` call: defaults < the TOML file < flags given on the
+    command line. `*_opts` dicts are merged key by key."""
+    values = read_toml(toml) if toml else {}
+    for name, value in flags.items():
+        if name.endswith("_opts"):
+            values[name] = {**values.get(name, {}), **value}
+        elif name in given or name not in values:
+            values[name] = value
+    return TrainConfig.from_dict(values)
+
+
+def default_of(f) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory()

@@ -1,13 +1,17 @@
-"""DataLoaders over registered datasets, and the seed's `load_celeba_data`."""
+"""Datasets for training: building them by name, their decoded cache, DataLoaders, and the seed's
+`load_celeba_data`."""
 
 from __future__ import annotations
 
-import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from fmkit.batch import Collate, Condition, DataSpec, describe
+from fmkit.errors import FmkitError
 from fmkit.plugins import registry
 
 
@@ -17,16 +21,33 @@ def build_dataset(
     image_size: int,
     split: str = "train",
     options: dict[str, Any] | None = None,
-    flip: bool | None = None,
+    condition: str = "none",
 ):
-    """The registered dataset `name`; a `split` in `options` overrides `split`. `flip` (when not None) sets the dataset's flip option,
-    if it has one and the user did not set it."""
+    """The registered dataset `name`, built with fmkit's fixed arguments and user `options`.
+
+    `condition` ("none", "class" or "attributes") asks the dataset to yield those conditions;
+    a dataset that cannot is an error naming it.
+    """
     options = dict(options or {})
-    split = options.pop("split", split)  # `--dataset-opt split=valid` chooses the split
-    factory = registry("datasets").get(name).factory
-    if flip is not None and "flip" in inspect.signature(factory).parameters:
-        options.setdefault("flip", flip)
-    return registry("datasets").build(name, options, root=root, image_size=image_size, split=split)
+    datasets = registry("datasets")
+    given: dict[str, Any] = {"root": root, "image_size": image_size, "split": split}
+    if condition != "none":
+        if not datasets.accepts(name, "condition"):
+            raise FmkitError(f"dataset '{name}' yields no conditions; use --condition none")
+        given["condition"] = condition
+    return datasets.build(name, options, **given)
+
+
+def data_spec(dataset, image_size: int, channels: int, condition: str) -> DataSpec:
+    """What `dataset` yields; with condition "none", its labels are ignored."""
+    spec = describe(dataset, image_size, channels)
+    if condition == "none":
+        return DataSpec(spec.channels, spec.image_size, Condition())
+    if spec.condition.kind != condition:
+        raise FmkitError(
+            f"--condition {condition}: the dataset yields {spec.condition.kind} conditions"
+        )
+    return spec
 
 
 def make_loader(
@@ -38,9 +59,14 @@ def make_loader(
     pin_memory: bool = False,
     generator: torch.Generator | None = None,
     sampler=None,
+    condition: Condition | None = None,
 ) -> DataLoader:
     """A DataLoader with the settings that keep a GPU fed: pinned memory, persistent workers
-    and prefetching when workers are used; iterable datasets shuffle themselves."""
+    and prefetching when workers are used; iterable datasets shuffle themselves.
+
+    With `condition`, batches are `fmkit.batch.Batch` objects (images and conditions); without,
+    the default collation (the seed's image tensors).
+    """
     iterable = isinstance(dataset, IterableDataset)
     return DataLoader(
         dataset,
@@ -53,7 +79,47 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=generator,
+        collate_fn=None if condition is None else Collate(condition),
     )
+
+
+def default_workers(device: torch.device, local_world_size: int = 1) -> int:
+    """DataLoader workers when --num-workers is not given: none on the CPU (they would take
+    cores from the model), and this process's share of the cores, up to 8, on a GPU."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // local_world_size))
+
+
+def cached(
+    dataset,
+    source: dict,
+    writer: bool,
+    progress: bool,
+    wait=lambda: None,
+    condition: str = "none",
+):
+    """`dataset` read from its decoded copy in fmkit's cache, written on first use by the
+    process with `writer` set (one per node; `wait` lets the others wait for it), so image
+    files are decoded, cropped and resized once rather than every epoch of every run.
+    Datasets that cannot describe their content (streams, custom ones) are returned as is."""
+    from fmkit.prepared import META, PreparedArray, decoded_cache_dir, write_array
+
+    cache = decoded_cache_dir(dataset, source)
+    if cache is None:
+        return dataset
+    if writer and not (cache / META).is_file():
+        workers = min(8, os.cpu_count() or 1) if len(dataset) >= 2048 else 0
+        write_array(
+            dataset,
+            cache,
+            source,
+            progress=progress,
+            num_workers=workers,
+            desc=f"decoding once into {cache}",
+        )
+    wait()
+    return PreparedArray(cache, dataset.image_size, condition=condition)
 
 
 def load_celeba_data(
@@ -66,7 +132,17 @@ def load_celeba_data(
 ) -> DataLoader:
     """The seed's loader: CelebA (downloaded on first use) batched as (B, 3, S, S) in [-1, 1].
 
-    Options (crop, flip, labels, ...) are the `celeba` dataset's.
+    Options (crop, download, ...) are the `celeba` dataset's.
     """
     data = build_dataset("celeba", data_dir, image_size, split, options)
     return make_loader(data, batch_size, num_workers, shuffle=split == "train")
+
+
+def source_of(name: str, root: str, split: str | None, options: dict) -> dict:
+    """How a dataset was made, as recorded by prepared arrays and cache keys."""
+    return {
+        "dataset": name,
+        "data_dir": str(Path(root).resolve()),
+        "split": split,
+        "options": dict(sorted(options.items())),
+    }

@@ -15,10 +15,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fmkit import checkpoint as checkpoint_module
+from fmkit.batch import collate
 from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
-from fmkit.flow import FlowMatching
+from fmkit.generator import Generator, is_model_folder
 from fmkit.metrics import frechet_distance, gaussian_stats
+from fmkit.pixels import to_uint8
 from fmkit.prepared import cache_root
 from fmkit.solver import Solver
 
@@ -102,11 +105,6 @@ def load_inception(weights: Path | None = None, device: torch.device | str = "cp
     return Inception(model, weights_id, device)
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8, exactly as saving PNGs would quantise them."""
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 @torch.no_grad()
 def inception_features(net: Inception, images: Tensor, batch_size: int = 64) -> Tensor:
     """(N, 3, H, W) uint8 images -> (N, 2048) float64 pool features."""
@@ -144,8 +142,8 @@ def reference(
     the crop, resolution, backend and weights) and cached as a .safetensors file."""
     description = {
         "dataset": dataset,
-        "split": options.get("split", split),
-        "options": {k: v for k, v in sorted(options.items()) if k != "split"},
+        "split": split,
+        "options": dict(sorted(options.items())),
         "image_size": image_size,
         "backend": backend_name(),
         "mode": BACKEND_MODE,
@@ -155,12 +153,10 @@ def reference(
     key = hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[
         :16
     ]
-    path = (
-        cache_dir or default_cache_dir()
-    ) / f"{dataset}-{description['split']}-{image_size}-{key}.safetensors"
+    path = (cache_dir or default_cache_dir()) / f"{dataset}-{split}-{image_size}-{key}.safetensors"
     if path.is_file():
         return load_reference(path, cached=True)
-    data = build_dataset(dataset, data_dir, image_size, split, options, flip=False)
+    data = build_dataset(dataset, data_dir, image_size, split, options)
     images = []
     if not hasattr(data, "__len__"):
         raise FmkitError(
@@ -169,8 +165,7 @@ def reference(
         )
     count = len(data) if max_images is None else min(len(data), max_images)
     for i in tqdm(range(count), desc="reference images", unit="img", leave=False):
-        item = data[i]
-        images.append(to_uint8(item[0] if isinstance(item, (tuple, list)) else item))
+        images.append(to_uint8(collate([data[i]]).images[0]))
     features = inception_features(net, torch.stack(images), batch_size)
     mu, sigma = gaussian_stats(features)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,25 +237,18 @@ class Generated:
 
 
 def generate(
-    flow: FlowMatching,
-    solver: Solver,
-    num_samples: int,
-    batch_size: int,
-    shape: tuple[int, int, int],
-    seed: int = 0,
+    generator: Generator, solver: Solver, num_samples: int, batch_size: int, seed: int = 0
 ) -> Generated:
     """Sample `num_samples` images in batches (progress bar), quantised to uint8."""
-    generator = torch.Generator().manual_seed(seed)
     images, nfe = [], []
     start = time.perf_counter()
     with tqdm(total=num_samples, desc="sampling", unit="img", leave=False) as bar:
-        while len(images) * batch_size < num_samples:
-            n = min(batch_size, num_samples - len(images) * batch_size)
-            noise = torch.randn(n, *shape, generator=generator).to(flow.device)
-            solution = flow.generate(noise, solver)
-            images.append(to_uint8(solution.x.cpu()))
+        for x, solution in generator.batches(
+            num_samples, solver=solver, batch_size=batch_size, seed=seed
+        ):
+            images.append(to_uint8(x))
             nfe.append(solution.nfe)
-            bar.update(n)
+            bar.update(len(x))
     return Generated(torch.cat(images), nfe, time.perf_counter() - start)
 
 
@@ -319,3 +307,139 @@ def score(
             )
             results["precision"], results["recall"] = prc["precision"], prc["recall"]
     return results
+
+
+METRICS = ("fid", "kid", "prc")
+
+
+@dataclass
+class Evaluation:
+    """What `fmkit eval fid` / `sweep` need, set up once: the model, the Inception network,
+    the reference statistics and the metrics asked for."""
+
+    generator: Generator
+    net: Inception
+    ref: Reference
+    metrics: tuple[str, ...]
+    checkpoint: str
+
+
+def setup(
+    checkpoint: Path,
+    *,
+    ema: bool = True,
+    metrics: str = "fid",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    split: str = "train",
+    dataset_opts: dict | None = None,
+    reference_stats: Path | None = None,
+    max_reference_images: int | None = None,
+    inception_weights: Path | None = None,
+    cache_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+) -> Evaluation:
+    """Load the model and the reference; the reference dataset defaults to the checkpoint's
+    own, with its options (e.g. its crop)."""
+    generator = Generator.load(checkpoint, ema=ema, device=device)
+    wanted = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    unknown = sorted(set(wanted) - set(METRICS))
+    if unknown:
+        raise FmkitError(f"unknown metric '{unknown[0]}'; available: {', '.join(METRICS)}")
+    net = load_inception(inception_weights, device)
+    if reference_stats is not None:
+        ref = load_reference(reference_stats)
+    else:
+        trained_on = training_data(checkpoint)
+        if dataset is None and not trained_on:
+            raise FmkitError(
+                f"{checkpoint} is a weights folder and records no training data: pass --dataset "
+                "and --data-dir (or --reference-stats)"
+            )
+        options = dict(trained_on.get("dataset_opts", {})) if dataset is None else {}
+        options.update(dataset_opts or {})
+        ref = reference(
+            net,
+            dataset or trained_on.get("dataset"),
+            data_dir or trained_on.get("data_dir"),
+            split,
+            generator.data.image_size,
+            options,
+            cache_dir,
+            max_reference_images,
+        )
+    return Evaluation(generator, net, ref, wanted, str(checkpoint))
+
+
+def training_data(source: Path) -> dict:
+    """The dataset, its root and options a checkpoint was trained on ({} for a weights
+    folder, which records no training data: pass --dataset and --data-dir)."""
+    source = Path(source)
+    if is_model_folder(source):
+        return {}
+    meta = checkpoint_module.read_metadata(checkpoint_module.resolve(source))
+    config = meta.get("config", {})
+    from fmkit.config import TrainConfig
+
+    trained = TrainConfig.from_dict(config)  # today's form of older configs too
+    return {
+        "dataset": trained.dataset,
+        "data_dir": trained.data_dir,
+        "dataset_opts": trained.dataset_opts,
+    }
+
+
+def evaluate_solver(
+    ev: Evaluation,
+    solver_name: str,
+    solver: Solver,
+    options: dict,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """Generate with one solver setting and score it; the JSON record `fmkit eval` prints."""
+    gen = generate(ev.generator, solver, num_samples, batch_size, seed)
+    results = score(ev.net, gen.images, ev.ref, ev.metrics, batch_size)
+    settings = dict(options)
+    if not solver.adaptive:
+        settings.setdefault("steps", getattr(solver, "steps", None))
+    else:
+        settings.update(rtol=getattr(solver, "rtol", None), atol=getattr(solver, "atol", None))
+    return {
+        **results,
+        "num_samples": num_samples,
+        "solver": solver_name,
+        "solver_settings": settings,
+        "mean_nfe": sum(gen.nfe) / len(gen.nfe),
+        "wall_s": gen.seconds,
+        "images_per_s": num_samples / gen.seconds,
+        "reference": {
+            **ev.ref.description,
+            "stats_file": str(ev.ref.path),
+            "cached": ev.ref.cached,
+        },
+        "backend": backend_name(),
+        "mode": BACKEND_MODE,
+        "inception": {
+            "implementation": f"{backend_name()} {BACKEND_MODE}",
+            "weights": ev.net.weights_id,
+            "resize": RESIZE,
+        },
+        "checkpoint": ev.checkpoint,
+    }
+
+
+def result_line(r: dict) -> str:
+    """One line summarising a record of `evaluate_solver`."""
+    parts = [f"FID {r['fid']:.4g}"] if "fid" in r else []
+    if "kid_mean" in r:
+        parts.append(f"KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
+    if "precision" in r:
+        parts.append(f"precision {r['precision']:.3f}, recall {r['recall']:.3f}")
+    ref = r["reference"]
+    return (
+        f"{', '.join(parts)} | {r['num_samples']} samples, {r['solver']} {r['solver_settings']}, "
+        f"mean NFE {r['mean_nfe']:.1f}, {r['images_per_s']:.1f} img/s | reference "
+        f"{ref.get('dataset')} {ref.get('split')} {ref.get('options', {})} {ref.get('image_size')}px"
+    )

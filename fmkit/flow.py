@@ -1,19 +1,44 @@
-"""Flow matching: the training loss and sampling, for any backbone, path and solver."""
+"""Flow matching: training times, and the seed's `FlowMatching` API on top of the objective."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from fmkit.objective import as_model
 from fmkit.path import ProbabilityPath
-from fmkit.solver import Solution, Solver, build_solver, integrate
+from fmkit.solver import Solution, Solver, build_solver
 
 TIME_SAMPLING = ("uniform", "logit_normal", "edm")
 
 # Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models") draw
-# training noise levels as ln(sigma) ~ N(P_mean, P_std^2). On the linear path the noise-to-data
-# ratio is sigma = (1 - t) / t, so t = sigmoid(-ln sigma): a logit-normal skewed to the data end.
+# training noise levels as ln(sigma) ~ N(P_mean, P_std^2); the path maps a noise level to t.
 EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
+
+
+def time_from_base(
+    base: Tensor,
+    method: str,
+    *,
+    loc: float = 0.0,
+    scale: float = 1.0,
+    path: ProbabilityPath | None = None,
+) -> Tensor:
+    """Training times in (0, 1) from base draws: uniform ones for "uniform", standard normal
+    ones otherwise (see `sample_time`)."""
+    if method == "uniform":
+        return base
+    if method == "logit_normal":
+        return torch.sigmoid(loc + scale * base)
+    if method == "edm":
+        if path is None:
+            raise ValueError("edm time sampling needs the probability path (noise level -> t)")
+        return path.t_from_noise_ratio(torch.exp(EDM_P_MEAN + EDM_P_STD * base))
+    raise ValueError(f"unknown time sampling {method!r}; available: {', '.join(TIME_SAMPLING)}")
+
+
+def base_is_uniform(method: str) -> bool:
+    return method == "uniform"
 
 
 def sample_time(
@@ -24,6 +49,7 @@ def sample_time(
     scale: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    path: ProbabilityPath | None = None,
 ) -> Tensor:
     """Training times t in (0, 1), shape (batch,).
 
@@ -31,22 +57,18 @@ def sample_time(
         method: "uniform"; "logit_normal" (Esser et al. 2024, "Scaling Rectified Flow
             Transformers"): t = sigmoid(loc + scale * n), n ~ N(0, 1), which spends more of
             the training signal on intermediate times; or "edm" (Karras et al. 2022): EDM's
-            log-normal noise levels mapped to t, skewed towards the data end.
+            log-normal noise levels mapped to t by `path` (on the linear path, skewed towards
+            the data end).
         loc, scale: the logit-normal location and scale (not used by the others).
     """
-    if method == "uniform":
-        return torch.rand(batch, generator=generator, device=device)
-    if method == "logit_normal":
-        n = torch.randn(batch, generator=generator, device=device)
-        return torch.sigmoid(loc + scale * n)
-    if method == "edm":
-        n = torch.randn(batch, generator=generator, device=device)
-        return torch.sigmoid(-(EDM_P_MEAN + EDM_P_STD * n))
-    raise ValueError(f"unknown time sampling {method!r}; available: {', '.join(TIME_SAMPLING)}")
+    draw = torch.rand if base_is_uniform(method) else torch.randn
+    base = draw(batch, generator=generator, device=device)
+    return time_from_base(base, method, loc=loc, scale=scale, path=path)
 
 
 class FlowMatching:
-    """Flow matching (Lipman et al. 2023, "Flow Matching for Generative Modeling").
+    """Flow matching (Lipman et al. 2023, "Flow Matching for Generative Modeling"): the seed's
+    API, kept working on top of the `flow_matching` objective.
 
     Trains `model(x, t)` to regress the conditional velocity of a probability path and samples
     by integrating the learned velocity from noise (t = 0) to data (t = 1) with an ODE solver.
@@ -68,9 +90,9 @@ class FlowMatching:
         logit_normal_loc: float = 0.0,
         logit_normal_scale: float = 1.0,
     ) -> None:
-        if isinstance(path, str):
-            from fmkit.plugins import registry
+        from fmkit.plugins import registry
 
+        if isinstance(path, str):
             path = registry("paths").build(path)
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(
@@ -78,9 +100,12 @@ class FlowMatching:
             )
         self.model = model.to(device) if device is not None else model
         self.path = path
-        self.time_sampling = time_sampling
-        self.logit_normal_loc = logit_normal_loc
-        self.logit_normal_scale = logit_normal_scale
+        options = {
+            "time_sampling": time_sampling,
+            "time_loc": logit_normal_loc,
+            "time_scale": logit_normal_scale,
+        }
+        self.objective = registry("objectives").build("flow_matching", options, path=path)
 
     @property
     def device(self) -> torch.device:
@@ -99,39 +124,23 @@ class FlowMatching:
         Args:
             x1: (B, C, H, W) data in [-1, 1].
             noise: (B, C, H, W) x0; drawn from N(0, I) when None.
-            t: (B,) times; drawn by `time_sampling` when None.
+            t: (B,) times; drawn by the time sampling when None.
         """
         if noise is None:
             noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         if t is None:
-            t = sample_time(
-                x1.shape[0],
-                self.time_sampling,
-                loc=self.logit_normal_loc,
-                scale=self.logit_normal_scale,
-                generator=generator,
-                device=x1.device,
-            )
-        target = self.path.sample(noise, x1, t)
-        predicted = self.model(target.x_t, target.t)  # (B, C, H, W)
-        return torch.mean((predicted.float() - target.velocity.float()) ** 2)
+            t = self.objective.times(x1.shape[0], generator, x1.device)
+        return self.objective.regress(as_model(self.model), noise, x1, t, None)
 
     def velocity(self, t: Tensor, x: Tensor) -> Tensor:
         """The learned velocity field as an ODE right-hand side: t 0-dim, x (B, C, H, W)."""
-        return self.model(x, t.to(x.dtype).expand(x.shape[0]))
+        return self.objective.velocity(as_model(self.model))(t, x)
 
     @torch.no_grad()
     def generate(self, noise: Tensor, solver: Solver, times: Tensor | None = None) -> Solution:
-        """Integrate from `noise` at t = 0 to t = 1.
-
-        Args:
-            noise: (B, C, H, W) starting points.
-            solver: a Solver (see `fmkit.solver.build_solver`).
-            times: (K,) times to return states at; default [0, 1].
-        """
-        if times is None:
-            times = torch.tensor([0.0, 1.0])
-        return integrate(solver, self.velocity, noise, times.to(noise.device, noise.dtype))
+        """Integrate from `noise` (B, C, H, W) at t = 0 to t = 1 with `solver`; the states at
+        `times` (default [0, 1]) are returned too."""
+        return self.objective.generate(as_model(self.model), noise, solver, times=times)
 
     @torch.no_grad()
     def sample(

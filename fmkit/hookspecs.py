@@ -8,17 +8,25 @@ hookimpl = pluggy.HookimplMarker("fmkit")
 
 @hookspec
 def register_backbones(register):
-    """Register backbones: register(name, factory); factory(*, image_size, channels, **options)."""
+    """Register backbones: register(name, factory); factory(*, image_size, channels, [data,]
+    **options) -> nn.Module called as model(x, t) or, with conditions, model(x, t, cond)."""
 
 
 @hookspec
 def register_datasets(register):
-    """Register datasets: register(name, factory); factory(*, root, image_size, split, **options)."""
+    """Register datasets: register(name, factory); factory(*, root, image_size, split,
+    [condition,] **options)."""
 
 
 @hookspec
 def register_paths(register):
     """Register probability paths: register(name, factory); factory(**options) -> ProbabilityPath."""
+
+
+@hookspec
+def register_objectives(register):
+    """Register training objectives: register(name, factory); factory(*, path, **options) ->
+    Objective."""
 
 
 @hookspec

@@ -14,6 +14,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fmkit.batch import Condition, DataSpec
+from fmkit.pixels import pil_pixels, to_float
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # A crop box: (left, top, right, bottom) in pixels, or None for the largest centred square.
@@ -47,28 +50,6 @@ def crop_resize(image: Image.Image, box: Box | None, size: int) -> Image.Image:
     return image.crop(box).resize((size, size), Image.BICUBIC)
 
 
-def to_uint8(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 array."""
-    return np.asarray(image, dtype=np.uint8)
-
-
-def to_tensor(pixels: np.ndarray | Image.Image, flip: bool = False) -> Tensor:
-    """(H, W, 3) uint8 pixels -> (3, H, W) float32 in [-1, 1], mirrored when `flip`."""
-    array = np.asarray(pixels, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-    return tensor.flip(-1) if flip else tensor
-
-
-def batch_to_tensor(pixels: np.ndarray, flips: Sequence[bool] | Tensor | None = None) -> Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]; flips is a (B,) bool mask."""
-    batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
-    batch = batch.div_(127.5).sub_(1.0)
-    if flips is not None:
-        mask = torch.as_tensor(flips, dtype=torch.bool)
-        batch[mask] = batch[mask].flip(-1)
-    return batch
-
-
 def find_images(root: Path) -> list[Path]:
     """Every image file under `root`, recursively, in a stable (sorted) order."""
     return sorted(
@@ -83,12 +64,14 @@ class ImageFileDataset(torch.utils.data.Dataset):
         files: image paths.
         image_size: output side length.
         box: crop box applied before resizing (None: centred square of each image).
-        flip: mirror each image with probability 1/2 (training augmentation).
-        labels: optional (N, ...) tensor; items become (image, label) when given.
+        labels: optional (N,) or (N, K) tensor; items become (image, label) when given.
         split: the split these files are ("train", "test", ...); None when the source has no
             splits (evaluation says so rather than pretend to score held-out images).
+        condition: what `labels` are (a class out of K names, or K attributes).
 
-    Items are (3, image_size, image_size) float tensors, or (image, label) tuples.
+    Items are (3, image_size, image_size) float tensors, or (image, label) tuples. Random
+    flips are the training loop's business (drawn per sample from the step's seed), not the
+    dataset's.
     """
 
     def __init__(
@@ -96,16 +79,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
         files: Sequence[Path],
         image_size: int,
         box: Box | None = None,
-        flip: bool = True,
         labels: Tensor | None = None,
         split: str | None = None,
+        condition: Condition | None = None,
     ) -> None:
         self.files = list(files)
         self.split = split
         self.image_size = image_size
         self.box = box
-        self.flip = flip
         self.labels = labels
+        self.condition = condition if labels is not None and condition else Condition()
+
+    def describe(self) -> DataSpec:
+        return DataSpec(3, self.image_size, self.condition)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -124,15 +110,14 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return {"files": files, "box": self.box, "image_size": self.image_size, "labels": labels}
 
     def pixels(self, index: int) -> np.ndarray:
-        """(H, W, 3) uint8 pixels of item `index`, cropped and resized, not flipped."""
+        """(H, W, 3) uint8 pixels of item `index`, cropped and resized."""
         path = self.files[index]
         try:
             image = open_rgb(path)
         except Exception as exc:
             raise OSError(f"cannot read image {path}: {exc}") from None
-        return to_uint8(crop_resize(image, self.box, self.image_size))
+        return pil_pixels(crop_resize(image, self.box, self.image_size))
 
     def __getitem__(self, index: int):
-        flip = self.flip and bool(torch.rand(()) < 0.5)
-        image = to_tensor(self.pixels(index), flip=flip)
+        image = to_float(self.pixels(index))
         return image if self.labels is None else (image, self.labels[index])

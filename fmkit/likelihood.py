@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from fmkit.pixels import to_uint8
 from fmkit.solver import Solver, Velocity, integrate
 
 
@@ -65,7 +66,7 @@ def dequantized_bits_per_dim(
     Returns:
         (B,) bits/dim of the discrete images (an upper bound, as usual), and the NFE.
     """
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255)  # the 8-bit values k
+    pixels = to_uint8(images).to(images.dtype)  # the 8-bit values k
     noise = torch.rand(images.shape, generator=generator, device="cpu").to(images)
     x = (pixels + noise) / 128.0 - 1.0  # (k + u) / 256 mapped to [-1, 1)
     logp, nfe = log_likelihood(velocity, x, solver, generator)

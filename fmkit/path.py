@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from fmkit.errors import FmkitError
+
 
 @dataclass
 class PathSample:
@@ -35,3 +37,12 @@ class ProbabilityPath(ABC):
             x1: (B, C, H, W) data.
             t: (B,) times in [0, 1].
         """
+
+    def t_from_noise_ratio(self, ratio: Tensor) -> Tensor:
+        """The time at which the path's noise-to-signal ratio sigma_t / alpha_t equals `ratio`
+        (x_t = alpha_t x1 + sigma_t x0), (B,) -> (B,). Time distributions defined on noise
+        levels (EDM's) use it; a path that has no such ratio leaves this unimplemented."""
+        raise FmkitError(
+            f"path {type(self).__name__} does not map noise levels to times, which this time "
+            "sampling needs (implement ProbabilityPath.t_from_noise_ratio)"
+        )

@@ -30,6 +30,7 @@ ENTRY_POINT_GROUP = "fmkit"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.unet",
     "fmkit_plugins.paths",
+    "fmkit_plugins.objectives",
     "fmkit_plugins.solvers",
     "fmkit_plugins.celeba",
     "fmkit_plugins.folder",
@@ -37,12 +38,24 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.prepared",
 )
 
-# Registry attribute name -> singular noun used in messages.
-KINDS: dict[str, str] = {
-    "backbones": "backbone",
-    "datasets": "dataset",
-    "paths": "path",
-    "solvers": "solver",
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component: what fmkit passes its factories (never user options)."""
+
+    noun: str  # singular, for messages
+    fixed: tuple[str, ...]  # passed to every factory
+    optional: tuple[str, ...] = ()  # passed to factories that declare the parameter
+
+
+# The one table of what fmkit passes each kind's factory; the registries, `fmkit show` and the
+# docs test read it (docs/writing-plugins.md documents each).
+KINDS: dict[str, Kind] = {
+    "backbones": Kind("backbone", ("image_size", "channels"), ("data",)),
+    "datasets": Kind("dataset", ("root", "image_size", "split"), ("condition",)),
+    "paths": Kind("path", ()),
+    "solvers": Kind("solver", ()),
+    "objectives": Kind("objective", ("path",)),
 }
 
 
@@ -122,7 +135,7 @@ def list_plugins() -> list[dict[str, object]]:
 
 
 def registry(kind: str) -> Registry:
-    """Build the registry `kind` ("backbones", "datasets", "paths" or "solvers") from the hooks.
+    """Build the registry `kind` (a key of KINDS, e.g. "backbones") from the hooks.
 
     Each plugin's hook is called on its own so that a duplicate name can name both plugins and
     a plugin whose hook raises is skipped alone.
@@ -130,7 +143,8 @@ def registry(kind: str) -> Registry:
     if kind not in KINDS:
         raise ValueError(f"unknown registry {kind!r}; expected one of {', '.join(KINDS)}")
     manager = load_plugins()
-    reg = Registry(KINDS[kind])
+    spec = KINDS[kind]
+    reg = Registry(spec.noun, spec.fixed, spec.optional)
     caller = getattr(manager.hook, f"register_{kind}")
     # pluggy returns implementations last-registered-first; built-ins should come first.
     for impl in reversed(caller.get_hookimpls()):

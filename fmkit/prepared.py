@@ -3,8 +3,9 @@ array, which loads far faster than decoding image files every epoch.
 
 Layout of a prepared directory:
     images.npy   (N, H, W, 3) uint8, opened with numpy's mmap_mode="r"
-    labels.npy   (N, ...) int64, when the source dataset had labels
-    meta.json    {"count", "image_size", "source": {...}} describing how it was made
+    labels.npy   (N,) or (N, K) int64, when the source dataset yielded labels
+    meta.json    {"count", "image_size", "source": {...}, "condition": {...}} describing how
+                 it was made and what its labels are
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fmkit.batch import Condition, DataSpec, describe
 from fmkit.errors import FmkitError
-from fmkit.images import batch_to_tensor, to_uint8
+from fmkit.pixels import to_float, to_pixels
 
 META = "meta.json"
 
@@ -73,6 +75,9 @@ def write_array(
     images.flush()
     del images
     meta = {"count": len(dataset), "image_size": int(first.shape[0]), "source": source}
+    if labels is not None:  # what the labels are, so training can condition on them
+        condition = describe(dataset, int(first.shape[0])).condition
+        meta["condition"] = condition.to_dict()
     (staging / META).write_text(json.dumps(meta, indent=2))
     # Replace the old cache only once the new one is complete.
     if out.exists():
@@ -119,21 +124,20 @@ def _pixels(dataset, index: int) -> np.ndarray:
     if hasattr(dataset, "pixels"):
         return dataset.pixels(index)
     item = dataset[index]
-    image = item[0] if isinstance(item, (tuple, list)) else item
-    return to_uint8(((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    return to_pixels(item[0] if isinstance(item, (tuple, list)) else item)
 
 
 class PreparedArray(torch.utils.data.Dataset):
-    """Reads a prepared directory. Items are (3, S, S) float tensors in [-1, 1] (or
-    (image, label)); `__getitems__` serves a whole batch with one array read.
+    """Reads a prepared directory. Items are (3, S, S) float tensors in [-1, 1], or (image,
+    label) with a condition; `__getitems__` serves a whole batch with one array read.
 
     Args:
         root: the prepared directory.
         image_size: must equal the size the cache was written at.
         split: the split asked for; must be the one the array was prepared from, when
             meta.json records one (`split` then says which it is; None when unrecorded).
-        flip: random horizontal flips.
-        labels: return (image, label) items (needs labels.npy).
+        condition: "none", or the condition the array was prepared with ("class" or
+            "attributes"): items then carry their label.
     """
 
     def __init__(
@@ -141,8 +145,7 @@ class PreparedArray(torch.utils.data.Dataset):
         root: Path,
         image_size: int,
         split: str | None = None,
-        flip: bool = True,
-        labels: bool = False,
+        condition: str = "none",
     ):
         root = Path(root)
         if not (root / META).is_file():
@@ -162,13 +165,21 @@ class PreparedArray(torch.utils.data.Dataset):
                 f"{source.get('dataset', 'NAME')} --split {split} --out DIR)"
             )
         self.root = root
-        self.flip = flip
+        self.image_size = image_size
         self.images = np.load(root / "images.npy", mmap_mode="r")  # (N, S, S, 3) uint8
+        stored = Condition.from_dict(self.meta.get("condition"))
         self.labels = None
-        if labels:
-            if not (root / "labels.npy").is_file():
-                raise FmkitError(f"{root} was prepared without labels")
+        self.condition = Condition()
+        if condition != "none":
+            if stored.kind != condition or not (root / "labels.npy").is_file():
+                raise FmkitError(
+                    f"{root} was prepared without {condition} labels (it has: {stored.kind})"
+                )
             self.labels = torch.from_numpy(np.load(root / "labels.npy"))
+            self.condition = stored
+
+    def describe(self) -> DataSpec:
+        return DataSpec(int(self.images.shape[-1]), self.image_size, self.condition)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -180,8 +191,7 @@ class PreparedArray(torch.utils.data.Dataset):
         order = np.argsort(indices)  # sorted reads are sequential on disk
         pixels = np.empty((len(indices), *self.images.shape[1:]), dtype=np.uint8)
         pixels[order] = self.images[np.asarray(indices)[order]]
-        flips = torch.rand(len(indices)) < 0.5 if self.flip else None
-        batch: Tensor = batch_to_tensor(pixels, flips)  # (B, 3, S, S)
+        batch: Tensor = to_float(pixels)  # (B, 3, S, S)
         if self.labels is None:
             return list(batch)
         return list(zip(batch, self.labels[indices], strict=True))

@@ -1,4 +1,5 @@
-"""Registry: names to factories, one per kind of component (backbone, dataset, path, solver)."""
+"""Registry: names to factories, one per kind of component (backbone, dataset, path, solver,
+objective)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,17 @@ class Registry:
 
     Args:
         kind: singular noun used in error messages, e.g. "backbone".
+        fixed: arguments fmkit passes every factory of this kind (never user options).
+        optional: arguments fmkit passes only to factories that declare them by name (e.g.
+            `data` for a backbone that can be conditioned).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(
+        self, kind: str, fixed: tuple[str, ...] = (), optional: tuple[str, ...] = ()
+    ) -> None:
         self.kind = kind
+        self.fixed = fixed
+        self.optional = optional
         self._entries: dict[str, Entry] = {}
 
     def add(self, name: str, factory: Callable[..., Any], plugin: str = "<unknown>") -> None:
@@ -68,18 +76,27 @@ class Registry:
         except KeyError:
             raise FmkitError(unknown_name_message(self.kind, name, self.names())) from None
 
-    def build(self, name: str, options: Mapping[str, Any] | None = None, **fixed: Any) -> Any:
-        """Call the factory of `name` with user `options` (validated) and `fixed` arguments.
+    def build(self, name: str, options: Mapping[str, Any] | None = None, **given: Any) -> Any:
+        """Call the factory of `name` with user `options` (validated) and what fmkit supplies.
 
-        `fixed` holds what fmkit itself supplies (e.g. image_size, channels); users cannot set
-        those through options.
+        `given` holds the kind's fixed arguments (e.g. image_size, channels) and, for factories
+        that declare them, its optional ones (e.g. data); users cannot set either as options.
         """
         entry = self.get(name)
-        checked = check_options(entry.factory, dict(options or {}), f"{self.kind} '{name}'", fixed)
+        reserved = dict.fromkeys((*self.fixed, *self.optional, *given))
+        checked = check_options(
+            entry.factory, dict(options or {}), f"{self.kind} '{name}'", reserved
+        )
+        passed = {k: v for k, v in given.items() if k not in self.optional or self.accepts(name, k)}
         try:
-            return entry.factory(**fixed, **checked)
+            return entry.factory(**passed, **checked)
         except ValueError as exc:  # factories reject bad option values with ValueError
             raise FmkitError(f"{self.kind} '{name}': {exc}") from None
+
+    def accepts(self, name: str, argument: str) -> bool:
+        """Whether the factory of `name` declares a parameter called `argument`."""
+        target = self.get(name).factory
+        return argument in inspect.signature(target).parameters
 
     def names(self) -> list[str]:
         return sorted(self._entries)

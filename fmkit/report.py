@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from fmkit.batch import collate
 from fmkit.errors import FmkitError
-from fmkit.flow import FlowMatching
+from fmkit.generator import Generator
 from fmkit.likelihood import dequantized_bits_per_dim
 from fmkit.solver import Solver
 
@@ -58,25 +59,21 @@ def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> Non
 
 @torch.no_grad()
 def bits_per_dim(
-    flow: FlowMatching, data, solver: Solver, num_images: int, batch_size: int, seed: int
+    generator: Generator, data, solver: Solver, num_images: int, batch_size: int, seed: int
 ) -> dict:
     """Mean bits/dim of the first `num_images` items of a map-style dataset."""
     if not hasattr(data, "__len__"):
         raise FmkitError("bits/dim needs a map-style dataset (not WebDataset shards)")
     count = min(num_images, len(data))
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
+    velocity = generator.velocity()
     values, nfes = [], []
-    was_training = flow.model.training
-    flow.model.eval()
     for start in range(0, count, batch_size):
-        items = [data[i] for i in range(start, min(count, start + batch_size))]
-        batch = torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items]).to(
-            flow.device
-        )
-        bpd, nfe = dequantized_bits_per_dim(flow.velocity, batch, solver, generator)
+        batch = collate([data[i] for i in range(start, min(count, start + batch_size))])
+        images = batch.images.to(generator.device)
+        bpd, nfe = dequantized_bits_per_dim(velocity, images, solver, rng)
         values.append(bpd.cpu())
         nfes.append(nfe)
-    flow.model.train(was_training)
     all_values = torch.cat(values).double()
     stderr = (
         all_values.std().item() / math.sqrt(len(all_values))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from fmkit.errors import FmkitError
+
 # velocity(t, x): t is a 0-dim tensor, x is (B, C, H, W); returns dx/dt shaped like x.
 Velocity = Callable[[Tensor, Tensor], Tensor]
 
@@ -81,3 +83,27 @@ def build_solver(name: str, steps: int | None = None, options: dict | None = Non
     if not isinstance(solver, Solver):
         raise TypeError(f"solver '{name}' factory returned {type(solver).__name__}, not a Solver")
     return solver
+
+
+def parse_solver_spec(spec: str) -> tuple[str, int | None, dict]:
+    """`NAME[:STEPS[:KEY=VALUE...]]` -> (name, steps or None, options); e.g.
+    "euler:20:grid_power=2" -> ("euler", 20, {"grid_power": 2}). The one grammar for solver
+    lists (`fmkit eval sweep --solvers`, the benchmarks)."""
+    from fmkit.options import parse_options
+
+    name, *rest = spec.strip().split(":")
+    steps = None
+    if rest and rest[0]:
+        try:
+            steps = int(rest[0])
+        except ValueError:
+            raise FmkitError(
+                f"solver spec {spec!r}: steps must be an integer, got {rest[0]!r}"
+            ) from None
+    return name, steps, parse_options(rest[1:], f"solver spec {spec!r}")
+
+
+def solver_from_spec(spec: str) -> Solver:
+    """The solver a `parse_solver_spec` string describes."""
+    name, steps, options = parse_solver_spec(spec)
+    return build_solver(name, steps=steps, options=options)

@@ -7,6 +7,8 @@ from pathlib import Path
 from torch import Tensor
 from torchvision.utils import save_image
 
+from fmkit.pixels import to_unit
+
 
 def visualize_samples(samples: Tensor, save_path: str | Path, nrow: int = 8) -> Path:
     """Save (N, C, H, W) images in [-1, 1] as one grid PNG (the seed's API)."""
@@ -14,11 +16,6 @@ def visualize_samples(samples: Tensor, save_path: str | Path, nrow: int = 8) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(to_unit(samples), path, nrow=nrow, padding=2)
     return path
-
-
-def to_unit(samples: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1], clamped, float32 on the CPU."""
-    return ((samples.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
 def trajectory_strip(trajectory: Tensor, save_path: str | Path) -> Path:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from fmkit import FmkitError, hookimpl
+from fmkit.batch import Condition
 from fmkit.download import DownloadError, download, md5sum, unreachable
 from fmkit.images import Box, ImageFileDataset, center_square
 
@@ -189,9 +190,8 @@ def celeba(
     root: str,
     image_size: int,
     split: Literal["train", "valid", "test", "all"] = "train",
+    condition: Literal["none", "attributes"] = "none",
     crop: Literal["ddim", "center140", "full"] = "ddim",
-    flip: bool = True,
-    labels: bool = False,
     download: bool = True,
     mirror_url: str | None = None,
     hf_repo: str = HF_MIRROR,
@@ -203,10 +203,12 @@ def celeba(
     Options:
         split: train (162,770), valid (19,867), test (19,962) or all.
         crop: ddim (128x128 at x=89, y=121), center140, or full (centred 178x178).
-        labels: items become (image, 40 attributes in {0, 1}).
         download: fetch missing files; mirror_url: fetch BASE/<file name> instead.
         hf_repo, hf_revision, hf_endpoint: the Hugging Face copy tried after Google Drive
             (endpoint default: $HF_ENDPOINT, else huggingface.co).
+
+    With condition="attributes" (fmkit train --condition attributes) items are (image, the 40
+    attributes in {0, 1}).
     """
     folder = Path(root) / "celeba"
     prepare_files(folder, download, mirror_url, hf_repo, hf_revision, hf_endpoint)
@@ -220,9 +222,16 @@ def celeba(
             f"(first: {missing[0]}); delete the folder to extract it again"
         )
     attr_names, attrs = read_attributes(folder / "list_attr_celeba.txt")
-    label_tensor = torch.tensor([attrs[n] for n in names], dtype=torch.long) if labels else None
+    labels = None
+    if condition == "attributes":
+        labels = torch.tensor([attrs[n] for n in names], dtype=torch.long)
     dataset = CelebA(
-        [images / n for n in names], image_size, CROPS[crop], flip, label_tensor, split=split
+        [images / n for n in names],
+        image_size,
+        CROPS[crop],
+        labels,
+        split=split,
+        condition=Condition("attributes", tuple(attr_names)),
     )
     dataset.attributes = attr_names
     return dataset

@@ -55,16 +55,15 @@ def scan(root: Path, verify: bool = True) -> list[Path]:
 
 
 def folder(
-    *, root: str, image_size: int, split: str = "train", flip: bool = True, verify: bool = True
+    *, root: str, image_size: int, split: str = "train", verify: bool = True
 ) -> ImageFileDataset:
     """Every image under --data-dir, recursively (jpg/png/webp/bmp); center crop + resize.
 
     Options:
-        flip: random horizontal flips (training augmentation).
         verify: decode every file once up front and skip unreadable ones.
     """
     # A folder has no official partition: every split is the whole folder (split=None says so).
-    return ImageFileDataset(scan(Path(root), verify), image_size, box=None, flip=flip, split=None)
+    return ImageFileDataset(scan(Path(root), verify), image_size, box=None, split=None)
 
 
 @hookimpl

@@ -8,12 +8,15 @@ import glob
 import itertools
 import random
 from pathlib import Path
+from typing import Literal
 
 import click
 import torch
 
 from fmkit import FmkitError, hookimpl
-from fmkit.images import IMAGE_EXTENSIONS, crop_resize, open_rgb, to_tensor, to_uint8
+from fmkit.batch import Condition, DataSpec
+from fmkit.images import IMAGE_EXTENSIONS, crop_resize, open_rgb
+from fmkit.pixels import pil_pixels, to_float
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 
@@ -36,14 +39,13 @@ def resolve_shards(root: str, split: str) -> str | list[str]:
     return shards
 
 
-def decode_sample(sample: dict, image_size: int, flip: bool, labels: bool):
+def decode_sample(sample: dict, image_size: int, labels: bool):
     """Decode the image and class fields of one WebDataset sample; other fields (pickles,
     .pyd, ...) are never touched, so untrusted shards cannot run code."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_KEYS)})")
-    pixels = to_uint8(crop_resize(open_rgb(sample[key]), None, image_size))
-    image = to_tensor(pixels, flip=flip and bool(torch.rand(()) < 0.5))
+    image = to_float(pil_pixels(crop_resize(open_rgb(sample[key]), None, image_size)))
     if not labels:
         return image
     return image, int(sample["cls"].decode() if isinstance(sample["cls"], bytes) else sample["cls"])
@@ -55,8 +57,7 @@ class WebDatasetImages(torch.utils.data.IterableDataset):
     Args:
         urls: shard list, brace pattern or URL.
         image_size: output side length (centre square, antialiased resize).
-        flip: random horizontal flips.
-        labels: items are (image, class index).
+        classes: class names when items are (image, class index); None for images only.
         shuffle_buffer: samples shuffled in memory (0: keep shard order).
         resampled: draw shards with replacement forever; an epoch is `epoch_length` samples.
         epoch_length: samples per epoch over all ranks and workers (resampled mode).
@@ -70,8 +71,7 @@ class WebDatasetImages(torch.utils.data.IterableDataset):
         self,
         urls,
         image_size: int,
-        flip: bool = True,
-        labels: bool = False,
+        classes: list[str] | None = None,
         shuffle_buffer: int = 1000,
         resampled: bool = False,
         epoch_length: int | None = None,
@@ -81,13 +81,17 @@ class WebDatasetImages(torch.utils.data.IterableDataset):
             raise FmkitError("imagenet: resampled=True needs epoch_length (samples per epoch)")
         self.urls = urls
         self.image_size = image_size
-        self.flip = flip
-        self.labels = labels
+        self.classes = classes
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.epoch_length = epoch_length
         self.seed = seed
         self.epoch = 0
+
+    def describe(self) -> DataSpec:
+        if self.classes is None:
+            return DataSpec(3, self.image_size)
+        return DataSpec(3, self.image_size, Condition("class", tuple(self.classes)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -106,7 +110,8 @@ class WebDatasetImages(torch.utils.data.IterableDataset):
         )
         if self.shuffle_buffer:
             pipeline = pipeline.shuffle(self.shuffle_buffer)
-        samples = (decode_sample(s, self.image_size, self.flip, self.labels) for s in pipeline)
+        labels = self.classes is not None
+        samples = (decode_sample(s, self.image_size, labels) for s in pipeline)
         if self.resampled:
             rank, world, worker, workers = wds.utils.pytorch_worker_info()
             # Every rank and worker yields the same count, so no rank waits at an epoch's end.
@@ -114,13 +119,27 @@ class WebDatasetImages(torch.utils.data.IterableDataset):
         yield from samples
 
 
+def class_names(root: str, num_classes: int | None) -> list[str]:
+    """classes.txt beside the shards (as `fmkit prepare imagenet` writes it), else
+    `num_classes` names "0", "1", ..."""
+    listing = Path(root) / "classes.txt"
+    if listing.is_file():
+        return [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    if num_classes is None:
+        raise FmkitError(
+            f"imagenet: --condition class needs the class names: put classes.txt in {root} "
+            "(fmkit prepare imagenet writes it) or pass --dataset-opt num_classes=K"
+        )
+    return [str(i) for i in range(num_classes)]
+
+
 def imagenet(
     *,
     root: str,
     image_size: int,
     split: str = "train",
-    flip: bool = True,
-    labels: bool = False,
+    condition: Literal["none", "class"] = "none",
+    num_classes: int | None = None,
     shuffle_buffer: int = 1000,
     resampled: bool = False,
     epoch_length: int | None = None,
@@ -128,13 +147,14 @@ def imagenet(
 ) -> WebDatasetImages:
     """ImageNet (or any image set) as WebDataset shards: a directory, brace pattern or URLs.
 
-    Options: labels, shuffle_buffer, resampled + epoch_length, seed, flip.
+    Options: shuffle_buffer, resampled + epoch_length, seed; num_classes when the shards come
+    without classes.txt. With condition="class" items are (image, class index).
     """
+    classes = class_names(root, num_classes) if condition == "class" else None
     return WebDatasetImages(
         resolve_shards(root, split),
         image_size,
-        flip,
-        labels,
+        classes,
         shuffle_buffer,
         resampled,
         epoch_length,

@@ -28,6 +28,10 @@ class LinearPath(ProbabilityPath):
         velocity = x1 - (1 - self.sigma_min) * x0
         return PathSample(x_t=x_t, velocity=velocity, t=t)
 
+    def t_from_noise_ratio(self, ratio: Tensor) -> Tensor:
+        # sigma_t / alpha_t = (1 - (1 - sigma_min) t) / t  =>  t = 1 / (ratio + 1 - sigma_min)
+        return 1.0 / (ratio + 1.0 - self.sigma_min)
+
 
 def linear(*, sigma_min: float = 0.0) -> LinearPath:
     """Conditional OT / rectified-flow straight path (Lipman et al. 2023); option sigma_min."""

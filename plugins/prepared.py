@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from fmkit import hookimpl
 from fmkit.prepared import PreparedArray
 
 
 def prepared(
-    *, root: str, image_size: int, split: str = "train", flip: bool = True, labels: bool = False
+    *,
+    root: str,
+    image_size: int,
+    split: str = "train",
+    condition: Literal["none", "class", "attributes"] = "none",
 ) -> PreparedArray:
     """A cache written by `fmkit prepare` (memory-mapped uint8; the fastest loader).
 
     --data-dir is the directory given to `fmkit prepare --out`; the split was chosen then, and
-    asking for another one is an error.
+    asking for another one is an error. Labels recorded when it was prepared serve --condition.
     """
-    return PreparedArray(Path(root), image_size, split, flip=flip, labels=labels)
+    return PreparedArray(Path(root), image_size, split, condition)
 
 
 @hookimpl

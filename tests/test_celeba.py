@@ -153,7 +153,7 @@ def test_html_quota_page_is_detected_and_explained(tmp_path, server):
 
 def test_celeba_downloads_extracts_and_splits(tmp_path, server):
     server.cut_once.add("img_align_celeba.zip")
-    opts = {"mirror_url": server.url, "flip": False}
+    opts = {"mirror_url": server.url}
     train = build_dataset("celeba", str(tmp_path), 16, "train", opts)
     assert len(train) == 8
     assert (tmp_path / "celeba" / "img_align_celeba" / "000001.jpg").is_file()
@@ -174,13 +174,15 @@ def test_files_already_present_cause_no_request(tmp_path, server):
 
 
 def test_crop_presets_and_attribute_labels(tmp_path, server):
-    opts = {"mirror_url": server.url, "flip": False, "labels": True}
-    full = build_dataset("celeba", str(tmp_path), 16, "all", {**opts, "crop": "full"})
+    opts = {"mirror_url": server.url}
+    full = build_dataset(
+        "celeba", str(tmp_path), 16, "all", {**opts, "crop": "full"}, condition="attributes"
+    )
     image, attrs = full[0]
     assert image[2].max() > 0.9  # the full crop shows blue outside the window
     assert full.attributes == ATTRS
     assert attrs.tolist() == [1 if (1 + a) % 2 else 0 for a in range(3)]
-    c140 = build_dataset("celeba", str(tmp_path), 16, "all", {**opts, "crop": "center140"})[0][0]
+    c140 = build_dataset("celeba", str(tmp_path), 16, "all", {**opts, "crop": "center140"})[0]
     assert not np.allclose(c140.numpy(), image.numpy())
 
 

@@ -11,7 +11,10 @@ from conftest import one_line_error, write_image
 from PIL import Image
 
 from fmkit import FmkitError
+from fmkit.batch import Batch
 from fmkit.data import build_dataset, make_loader
+from fmkit.objective import Draws
+from fmkit.train import hflip
 
 
 def make_folder(root):
@@ -26,7 +29,7 @@ def make_folder(root):
 
 def test_folder_finds_nested_images_and_converts_modes(tmp_path):
     root = make_folder(tmp_path / "faces")
-    data = build_dataset("folder", str(root), 8, options={"flip": False})
+    data = build_dataset("folder", str(root), 8)
     assert len(data) == 5
     images = [data[i] for i in range(len(data))]
     for image in images:
@@ -65,9 +68,17 @@ def test_flip_mirrors_about_half_the_items(tmp_path):
     image[:, :8] = 255  # left half white
     Image.fromarray(image).save(tmp_path / "half.png")
     data = build_dataset("folder", str(tmp_path), 16)
-    torch.manual_seed(0)
-    lefts = [data[0][:, :, :8].mean().item() > 0 for _ in range(200)]
+    # Flips are the training loop's: drawn per sample of the global batch from the step's seed.
+    batch = Batch(data[0].expand(200, 3, 16, 16).clone())
+    flipped = hflip(batch, Draws(0, 0, 200, slice(0, 200), stream="augment")).images
+    lefts = [image[:, :, :8].mean().item() > 0 for image in flipped]
     assert 60 < sum(lefts) < 140
+    # Two processes (or micro-batches) of 100 flip exactly the images one process of 200 does.
+    halves = [
+        hflip(batch.rows(lo, lo + 100), Draws(0, 0, 200, slice(lo, lo + 100), stream="augment"))
+        for lo in (0, 100)
+    ]
+    assert torch.equal(torch.cat([h.images for h in halves]), flipped)
 
 
 def test_prepare_then_prepared_dataset_gives_the_same_pixels(tmp_path, run_cli):
@@ -77,8 +88,8 @@ def test_prepare_then_prepared_dataset_gives_the_same_pixels(tmp_path, run_cli):
     assert result.exit_code == 0, result.output
     assert "wrote 5 images of 8x8" in result.output
     assert not (tmp_path / "cache.partial").exists()
-    direct = build_dataset("folder", str(root), 8, options={"flip": False})
-    cached = build_dataset("prepared", str(out), 8, options={"flip": False})
+    direct = build_dataset("folder", str(root), 8)
+    cached = build_dataset("prepared", str(out), 8)
     assert len(cached) == 5
     for i in range(5):
         torch.testing.assert_close(cached[i], direct[i], rtol=0, atol=1e-6)
@@ -131,7 +142,11 @@ def test_webdataset_two_ranks_two_workers_see_every_sample_once(tmp_path, monkey
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         data = build_dataset(
-            "imagenet", str(shards), 8, options={"labels": True, "shuffle_buffer": 4}
+            "imagenet",
+            str(shards),
+            8,
+            options={"num_classes": 20, "shuffle_buffer": 4},
+            condition="class",
         )
         seen += labels_seen(data, num_workers=2)
     assert sorted(seen) == list(range(20))
@@ -142,7 +157,9 @@ def test_webdataset_brace_pattern_and_resampled_epochs(tmp_path, monkeypatch):
     shards = write_shards(tmp_path / "shards")
     monkeypatch.delenv("RANK", raising=False)
     pattern = str(shards / "train-{000000..000003}.tar")
-    data = build_dataset("imagenet", pattern, 8, options={"labels": True, "shuffle_buffer": 0})
+    data = build_dataset(
+        "imagenet", pattern, 8, options={"num_classes": 20, "shuffle_buffer": 0}, condition="class"
+    )
     assert sorted(labels_seen(data, 0)) == list(range(20))
     resampled = build_dataset(
         "imagenet", str(shards), 8, options={"resampled": True, "epoch_length": 12}
@@ -180,5 +197,6 @@ def test_prepare_imagenet_copies_jpeg_bytes_into_shuffled_shards(tmp_path, run_c
     assert sorted(payloads) == sorted(originals)  # bytes copied, not re-encoded
     assert [originals[p] for p in payloads] == classes
     assert classes != sorted(classes)  # shuffled, not class by class
-    data = build_dataset("imagenet", str(out), 8, options={"labels": True})
+    data = build_dataset("imagenet", str(out), 8, condition="class")
     assert sorted(label for _, label in data) == sorted(classes)
+    assert data.describe().condition.names == ("n01440764", "n01443537", "n01484850")

@@ -62,7 +62,7 @@ def test_identical_sets_give_zero_and_shifted_sets_a_larger_fid(weights, faces, 
 def _folder(root):
     from fmkit.data import build_dataset
 
-    data = build_dataset("folder", str(root), 16, options={"flip": False})
+    data = build_dataset("folder", str(root), 16)
     return [data[i] for i in range(len(data))]
 
 
@@ -271,7 +271,7 @@ def test_eval_nll_never_scores_training_images_as_test_images(faces, tmp_path, r
 
     # A prepared array records the split it was made from (here as `fmkit prepare celeba
     # --split train` would); a checkpoint trained on it is then scored on the test split.
-    source = build_dataset("folder", str(faces), 16, options={"flip": False})
+    source = build_dataset("folder", str(faces), 16)
     prepared = write_array(source, tmp_path / "prepared", {"dataset": "celeba", "split": "train"})
     run = tmp_path / "run"
     common = ["--image-size", 16, "--batch-size", 4, "--max-steps", 1, "--num-samples", 1]

@@ -116,7 +116,7 @@ def test_time_sampling():
 
 def test_edm_time_sampling_is_skewed_to_the_data_end():
     gen = torch.Generator().manual_seed(0)
-    edm = sample_time(20000, "edm", generator=gen)
+    edm = sample_time(20000, "edm", generator=gen, path=registry("paths").build("linear"))
     assert 0 < edm.min() and edm.max() < 1
     # ln sigma ~ N(-1.2, 1.2^2) and t = 1 / (1 + sigma): the median t is sigmoid(1.2).
     assert abs(edm.median().item() - torch.sigmoid(torch.tensor(1.2)).item()) < 0.01

@@ -1,0 +1,166 @@
+"""What travels from a dataset to a model: the data's description, its conditions, and batches.
+
+Conditions have one form everywhere (datasets, batches, objectives, backbones, checkpoints):
+`cond` is None for unconditional data, else a dict of tensors with these keys:
+
+    "class":      (B,) int64, a class index in [0, K), or UNSPECIFIED
+    "attributes": (B, K) int64, each 1 (on), 0 (off) or UNSPECIFIED
+    "r":          (B,) float, a second time for few-step objectives (set by the objective)
+
+UNSPECIFIED (-1) marks a condition left out: dropped in training so one model also serves
+unconditionally, or not asked for at sampling time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+UNSPECIFIED = -1
+CONDITION_KINDS = ("none", "class", "attributes")
+
+Cond = dict[str, Tensor]  # see the module docstring
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a dataset's items are conditioned on.
+
+    Attributes:
+        kind: "none", "class" (one of K classes) or "attributes" (K binary attributes).
+        names: the K class or attribute names, in index order.
+    """
+
+    kind: str = "none"
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONDITION_KINDS:
+            raise ValueError(f"condition kind must be one of {CONDITION_KINDS}, got {self.kind!r}")
+        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+
+    @property
+    def size(self) -> int:
+        """K: the number of classes or attributes (0 when unconditional)."""
+        return len(self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Condition:
+        data = data or {}
+        return cls(data.get("kind", "none"), tuple(data.get("names", ())))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a dataset yields, and so what a backbone is built for.
+
+    Attributes:
+        channels: image channels C.
+        image_size: side S of the square (C, S, S) images.
+        condition: the conditions items carry.
+    """
+
+    channels: int
+    image_size: int
+    condition: Condition = field(default_factory=Condition)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "condition": self.condition.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataSpec:
+        return cls(
+            int(data["channels"]),
+            int(data["image_size"]),
+            Condition.from_dict(data.get("condition")),
+        )
+
+
+def describe(dataset, image_size: int, channels: int = 3) -> DataSpec:
+    """The dataset's own description (its `describe()`), else unconditional images."""
+    if callable(getattr(dataset, "describe", None)):
+        return dataset.describe()
+    return DataSpec(channels, image_size)
+
+
+@dataclass
+class Batch:
+    """Images and their conditions.
+
+    Attributes:
+        images: (B, C, H, W) float in [-1, 1].
+        cond: None, or the condition dict described in this module's docstring.
+    """
+
+    images: Tensor
+    cond: Cond | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to(self, device: torch.device, memory_format=torch.contiguous_format) -> Batch:
+        images = self.images.to(device, non_blocking=True)
+        images = images.contiguous(memory_format=memory_format)
+        return Batch(images, _map(self.cond, lambda v: v.to(device, non_blocking=True)))
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
+        return Batch(self.images.pin_memory(), _map(self.cond, lambda v: v.pin_memory()))
+
+    def rows(self, start: int, stop: int) -> Batch:
+        """Items start..stop-1."""
+        return Batch(self.images[start:stop], _map(self.cond, lambda v: v[start:stop]))
+
+
+def _map(cond: Cond | None, fn) -> Cond | None:
+    return None if cond is None else {k: fn(v) for k, v in cond.items()}
+
+
+def cond_from_labels(labels: Tensor, condition: Condition) -> Cond | None:
+    """Dataset labels as a condition dict: (B,) class indices or (B, K) attributes."""
+    if condition.kind == "none":
+        return None
+    return {condition.kind: labels.long()}
+
+
+def collate(items: Sequence[Any] | Batch, condition: Condition = Condition()) -> Batch:
+    """A DataLoader's collate_fn: dataset items -> one Batch.
+
+    Items are (C, H, W) images, or (image, label) pairs whose labels become the condition
+    `condition` describes; a dataset that already returns a Batch (from `__getitems__`) is
+    passed through.
+    """
+    if isinstance(items, Batch):
+        return items
+    first = items[0]
+    if isinstance(first, (tuple, list)):
+        images = torch.stack([item[0] for item in items])
+        labels = torch.stack([torch.as_tensor(item[1]) for item in items])
+        return Batch(images, cond_from_labels(labels, condition))
+    return Batch(torch.stack(list(items)))
+
+
+class Collate:
+    """`collate` bound to a dataset's condition (picklable, for DataLoader workers)."""
+
+    def __init__(self, condition: Condition) -> None:
+        self.condition = condition
+
+    def __call__(self, items) -> Batch:
+        return collate(items, self.condition)
+
+
+def call_model(model, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+    """The velocity of a backbone: `model(x, t)` when there is no condition, else
+    `model(x, t, cond)`, so an unconditional backbone never needs a third argument."""
+    return model(x, t) if cond is None else model(x, t, cond)

@@ -1,0 +1,341 @@
+"""The Generator: a model spec and its weights, with no training state. Every sampler uses it:
+`fmkit sample`, `fmkit eval`, the training grids, the benchmarks and exports.
+
+Its folder form (`save_pretrained` / `from_pretrained`, as diffusers' models do):
+
+    config.json        {"format": "fmkit-generator", "format_version": 1, "model": ModelSpec,
+                        "components": {...}, "fmkit_version": ...}
+    model.safetensors  the backbone's weights (the EMA weights of a run), fp32 or fp16
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fmkit import checkpoint
+from fmkit.batch import Cond, DataSpec
+from fmkit.errors import FmkitError
+from fmkit.objective import Objective, as_model
+from fmkit.solver import Solution, Solver, build_solver
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+FORMAT = "fmkit-generator"
+
+
+@dataclass
+class ModelSpec:
+    """Everything that rebuilds a trained model, and nothing about how it was trained.
+
+    Attributes:
+        backbone, backbone_opts: the registered backbone and its options.
+        data: what the model generates (channels, resolution, conditions).
+        objective, objective_opts: the objective, which says how the model is sampled.
+        path, path_opts: the probability path the objective uses.
+        components: which plugin, distribution and version provided each component.
+    """
+
+    backbone: str
+    backbone_opts: dict
+    data: DataSpec
+    objective: str = "flow_matching"
+    objective_opts: dict = field(default_factory=dict)
+    path: str = "linear"
+    path_opts: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone,
+            "backbone_opts": self.backbone_opts,
+            "data": self.data.to_dict(),
+            "objective": self.objective,
+            "objective_opts": self.objective_opts,
+            "path": self.path,
+            "path_opts": self.path_opts,
+            "components": self.components,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(**{**data, "data": DataSpec.from_dict(data["data"])})
+
+    @classmethod
+    def from_checkpoint_meta(cls, meta: dict[str, Any]) -> ModelSpec:
+        """The spec a checkpoint records; checkpoints written before specs existed (fmkit
+        0.1.0 up to this format) are read from their training config."""
+        if "model" in meta:
+            return cls.from_dict(meta["model"])
+        config = meta.get("config")
+        if not isinstance(config, dict) or "backbone" not in config:
+            raise FmkitError(
+                "this checkpoint records neither a model spec nor a training config; it was "
+                f"not written by fmkit (metadata version {meta.get('fmkit_version', 'unknown')})"
+            )
+        return cls(
+            backbone=config["backbone"],
+            backbone_opts=config.get("backbone_opts", {}),
+            data=DataSpec(config.get("channels", 3), config.get("image_size", 64)),
+            path=config.get("path", "linear"),
+            path_opts=config.get("path_opts", {}),
+            components=meta.get("components", {}),
+        )
+
+
+@dataclass
+class Samples:
+    """Generated images.
+
+    Attributes:
+        images: (N, C, H, W) float in [-1, 1] (roughly), on the CPU.
+        nfe: network evaluations of each batch.
+        seconds: wall time of the generation.
+        trajectory: (K, B, C, H, W) states of the first batch at the requested times, or None.
+    """
+
+    images: Tensor
+    nfe: list[int]
+    seconds: float
+    trajectory: Tensor | None = None
+
+
+class Generator:
+    """A trained model ready to sample.
+
+    Args:
+        spec: what the model is.
+        module: the backbone with its weights.
+        device: where to run it.
+    """
+
+    def __init__(
+        self, spec: ModelSpec, module: nn.Module, device: torch.device | str | None = None
+    ) -> None:
+        self.spec = spec
+        self.module = module if device is None else module.to(device)
+        self.objective: Objective = build_objective(spec)
+
+    # Building.
+
+    @classmethod
+    def build(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> Generator:
+        """A generator with freshly initialised weights (training starts from it)."""
+        return cls(spec, build_backbone(spec), device)
+
+    @classmethod
+    def load(
+        cls, source: str | Path, ema: bool = True, device: torch.device | str = "cpu"
+    ) -> Generator:
+        """From a weights folder (`save_pretrained`), a checkpoint file, or a run directory
+        (its newest checkpoint)."""
+        source = Path(source)
+        if is_model_folder(source):
+            return cls.from_pretrained(source, device)
+        return cls.from_checkpoint(source, ema=ema, device=device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, ema: bool = True, device: torch.device | str = "cpu"
+    ) -> Generator:
+        """The EMA (or, with ema=False, the raw) weights of a training checkpoint."""
+        path = checkpoint.resolve(Path(path))
+        tensors, meta = checkpoint.load(path)
+        spec = ModelSpec.from_checkpoint_meta(meta)
+        module = build_backbone(spec, source=str(path))
+        _load_weights(module, checkpoint.unpack_state("ema" if ema else "model", tensors), path)
+        return cls(spec, module.eval(), device)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> Generator:
+        """Read what `save_pretrained` wrote: no training state is needed or read."""
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / CONFIG).read_text())
+            if config.get("format") != FORMAT:
+                raise ValueError
+            spec = ModelSpec.from_dict(config["model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FmkitError(
+                f"{folder} is not an fmkit model folder ({CONFIG} unreadable)"
+            ) from None
+        try:
+            weights = load_file(folder / WEIGHTS)
+        except Exception:
+            raise FmkitError(f"{folder / WEIGHTS} is missing or not a safetensors file") from None
+        module = build_backbone(spec, source=str(folder))
+        _load_weights(module, {k: v.float() for k, v in weights.items()}, folder)
+        return cls(spec, module.eval(), device)
+
+    def save_pretrained(self, folder: str | Path, fp16: bool = False) -> Path:
+        """Write config.json and model.safetensors (fp16 halves the file) into `folder`."""
+        from fmkit import __version__
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        dtype = torch.float16 if fp16 else None
+        weights = {
+            k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+            .detach()
+            .contiguous()
+            .cpu()
+            for k, v in self.module.state_dict().items()
+        }
+        save_file(weights, folder / WEIGHTS)
+        config = {
+            "format": FORMAT,
+            "format_version": 1,
+            "model": self.spec.to_dict(),
+            "dtype": "float16" if fp16 else "float32",
+            "fmkit_version": __version__,
+        }
+        (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+    # Sampling.
+
+    @property
+    def device(self) -> torch.device:
+        first = next(self.module.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def data(self) -> DataSpec:
+        return self.spec.data
+
+    def velocity(self, cond: Cond | None = None):
+        """The ODE right-hand side velocity(t, x) (for likelihoods and custom solvers)."""
+        return self.objective.velocity(as_model(self.module), cond)
+
+    @torch.no_grad()
+    def generate(
+        self, noise: Tensor, solver: Solver, cond: Cond | None = None, times: Tensor | None = None
+    ) -> Solution:
+        """Integrate from given `noise` (B, C, H, W); states at `times` (default [0, 1])."""
+        return self.objective.generate(
+            as_model(self.module), noise.to(self.device), solver, cond, times
+        )
+
+    def batches(
+        self,
+        num_samples: int,
+        *,
+        solver: Solver,
+        batch_size: int = 64,
+        seed: int = 0,
+        cond: Cond | None = None,
+        trajectory: int = 0,
+    ) -> Iterator[tuple[Tensor, Solution]]:
+        """Generate in batches: yields (images on the CPU, Solution) per batch.
+
+        Noise comes from a CPU generator seeded by `seed`, drawn batch after batch, so the same
+        seed gives the same images on any device. `cond` holds one row per sample.
+        `trajectory` = K >= 2 also keeps K states of the first batch.
+        """
+        was_training = self.module.training
+        self.module.eval()
+        generator = torch.Generator().manual_seed(seed)
+        shape = (self.data.channels, self.data.image_size, self.data.image_size)
+        try:
+            for start in range(0, num_samples, batch_size):
+                n = min(batch_size, num_samples - start)
+                noise = torch.randn(n, *shape, generator=generator)
+                rows = (
+                    None
+                    if cond is None
+                    else {k: v[start : start + n].to(self.device) for k, v in cond.items()}
+                )
+                times = torch.linspace(0, 1, trajectory) if trajectory >= 2 and start == 0 else None
+                solution = self.generate(noise, solver, rows, times)
+                yield solution.x.float().cpu(), solution
+        finally:
+            self.module.train(was_training)
+
+    def sample(
+        self,
+        num_samples: int,
+        cond: Cond | None = None,
+        solver: str | Solver = "euler",
+        steps: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        solver_options: dict | None = None,
+        trajectory: int = 0,
+    ) -> Samples:
+        """`num_samples` images from noise seeded by `seed`, with NFE and timing.
+
+        Args:
+            cond: None, or a condition dict with one row per sample (see fmkit.batch).
+            solver: a registered solver's name (with `steps` / `solver_options`) or a Solver.
+            trajectory: K >= 2 keeps K states of the first batch, from noise to image.
+        """
+        if isinstance(solver, str):
+            solver = build_solver(solver, steps=steps, options=solver_options)
+        start = time.perf_counter()
+        images, nfe, kept = [], [], None
+        for x, solution in self.batches(
+            num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
+            trajectory=trajectory,
+        ):  # fmt: skip
+            images.append(x)
+            nfe.append(solution.nfe)
+            if kept is None and trajectory >= 2:
+                kept = solution.trajectory.float().cpu()
+        return Samples(torch.cat(images), nfe, time.perf_counter() - start, kept)
+
+
+def is_model_folder(path: Path) -> bool:
+    """Whether `path` is a folder `save_pretrained` wrote (a run directory has a config.json
+    too, but it describes training, and no model.safetensors)."""
+    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+
+
+def build_backbone(spec: ModelSpec, source: str | None = None) -> nn.Module:
+    """The backbone `spec` names, built for its data (image size, channels, conditions)."""
+    from fmkit.plugins import registry
+
+    backbones = registry("backbones")
+    if spec.backbone not in backbones and source is not None:
+        origin = spec.components.get("backbone", {})
+        dist = origin.get("distribution", "unknown")
+        raise FmkitError(
+            f"{source} needs backbone '{spec.backbone}', which is not installed; it came from the "
+            f"distribution {dist} {origin.get('version', '')}".rstrip()
+            + f": pip install {dist}"
+        )
+    conditional = spec.data.condition.kind != "none"
+    if conditional and not backbones.accepts(spec.backbone, "data"):
+        raise FmkitError(
+            f"backbone '{spec.backbone}' takes no conditions (its factory has no `data` "
+            f"parameter), but the data is conditioned on {spec.data.condition.kind}"
+        )
+    return backbones.build(
+        spec.backbone,
+        spec.backbone_opts,
+        image_size=spec.data.image_size,
+        channels=spec.data.channels,
+        data=spec.data,
+    )
+
+
+def build_objective(spec: ModelSpec) -> Objective:
+    from fmkit.plugins import registry
+
+    path = registry("paths").build(spec.path, spec.path_opts)
+    return registry("objectives").build(spec.objective, spec.objective_opts, path=path)
+
+
+def _load_weights(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError:
+        raise FmkitError(
+            f"{source} holds weights of a different architecture than its spec describes"
+        ) from None

@@ -1,0 +1,78 @@
+"""The built-in training objective: flow matching."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fmkit import hookimpl
+from fmkit.batch import Batch, Cond
+from fmkit.flow import base_is_uniform, time_from_base
+from fmkit.objective import Draws, Loss, Model, Objective
+from fmkit.path import ProbabilityPath
+
+
+# Lipman et al. 2023, "Flow Matching for Generative Modeling": regress the conditional
+# velocity of a probability path at times drawn from a time distribution.
+class FlowMatchingObjective(Objective):
+    """Plain flow matching with noise drawn independently of the data.
+
+    Args:
+        path: the probability path from noise (t = 0) to data (t = 1).
+        time_sampling: "uniform", "logit_normal" or "edm" (see `fmkit.sample_time`); edm's
+            noise levels are mapped to times by the path.
+        time_loc, time_scale: the logit-normal location and scale.
+    """
+
+    def __init__(
+        self,
+        path: ProbabilityPath,
+        time_sampling: str = "uniform",
+        time_loc: float = 0.0,
+        time_scale: float = 1.0,
+    ) -> None:
+        self.path = path
+        self.time_sampling = time_sampling
+        self.time_loc, self.time_scale = time_loc, time_scale
+
+    def loss(self, model: Model, batch: Batch, draws: Draws) -> Loss:
+        x1 = batch.images  # (B, C, H, W)
+        x0 = draws.normal(*x1.shape[1:]).to(x1.dtype)
+        base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()
+        return Loss(self.regress(model, x0, x1, self._times(base), batch.cond))
+
+    def regress(self, model: Model, x0: Tensor, x1: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        """Mean squared error between the model's and the path's velocity at (x0, x1, t)."""
+        target = self.path.sample(x0, x1, t)
+        predicted = model(target.x_t, target.t, cond)  # (B, C, H, W)
+        return torch.mean((predicted.float() - target.velocity.float()) ** 2)
+
+    def times(self, batch: int, generator=None, device=None) -> Tensor:
+        """(batch,) training times drawn from `generator` (the seed API's FlowMatching.loss)."""
+        draw = torch.rand if base_is_uniform(self.time_sampling) else torch.randn
+        return self._times(draw(batch, generator=generator, device=device))
+
+    def _times(self, base: Tensor) -> Tensor:
+        return time_from_base(
+            base, self.time_sampling, loc=self.time_loc, scale=self.time_scale, path=self.path
+        )
+
+
+def flow_matching(
+    *,
+    path: ProbabilityPath,
+    time_sampling: Literal["uniform", "logit_normal", "edm"] = "uniform",
+    time_loc: float = 0.0,
+    time_scale: float = 1.0,
+) -> FlowMatchingObjective:
+    """Flow matching (Lipman et al. 2023); options time_sampling, time_loc, time_scale."""
+    if time_scale <= 0:
+        raise ValueError(f"time_scale must be positive, got {time_scale}")
+    return FlowMatchingObjective(path, time_sampling, time_loc, time_scale)
+
+
+@hookimpl
+def register_objectives(register):
+    register("flow_matching", flow_matching)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fmkit.errors import FmkitError
+from fmkit.options import conform
 
 
 def option(
@@ -168,7 +169,10 @@ def normalise(values: dict) -> dict:
             values[name] = None
     dataset_opts = dict(values.get("dataset_opts") or {})
     if "flip" in dataset_opts:
-        values.setdefault("hflip", bool(dataset_opts.pop("flip")))
+        try:
+            values.setdefault("hflip", conform(dataset_opts.pop("flip"), bool))
+        except TypeError:
+            raise FmkitError("--dataset-opt flip expects true or false") from None
     if "split" in dataset_opts:
         values["split"] = dataset_opts.pop("split")
     if "labels" in dataset_opts:  # once a dataset option; the labels were never trained on
@@ -204,8 +208,11 @@ def resolve(flags: dict[str, Any], given: set[str], toml: Path | None = None) ->
     for name, value in flags.items():
         if name.endswith("_opts"):
             values[name] = {**values.get(name, {}), **value}
-        elif name in given or name not in values:
+        elif name in given:
             values[name] = value
+    values = normalise(values)  # before defaults: `--dataset-opt flip=false` beats hflip's
+    for name, value in flags.items():
+        values.setdefault(name, value)
     return TrainConfig.from_dict(values)
 
 

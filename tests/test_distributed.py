@@ -252,3 +252,30 @@ def test_a_dead_rank_makes_the_others_exit_instead_of_hanging(tmp_path, faces):
     result = fmkit(*args, procs=2, extra_env=extra, timeout=120)  # a hang fails here
     assert result.returncode != 0
     assert "exitcode  : 7" in result.stderr or "lost contact with another rank" in result.stderr
+
+
+def test_flips_are_drawn_per_image_so_two_processes_match_one(tmp_path):
+    # Random flips on: each image's flip depends on (seed, step, its index in the global batch).
+    import numpy as np
+    from PIL import Image
+
+    faces = tmp_path / "halves"
+    faces.mkdir()
+    for i in range(32):
+        pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+        pixels[:, : 2 + i % 12] = (i * 8, 255 - i * 8, 120)  # asymmetric: a flip shows
+        Image.fromarray(pixels).save(faces / f"{i:02d}.png")
+    one = fmkit(*train_args(faces, tmp_path / "one", "--max-steps", 4, "--hflip"))
+    assert one.returncode == 0, one.stderr
+    two = fmkit(*train_args(faces, tmp_path / "two", "--max-steps", 4, "--hflip"), procs=2)
+    assert two.returncode == 0, two.stderr
+    _, meta = checkpoint.load(tmp_path / "one" / "checkpoint_final.safetensors")
+    assert meta["config"]["hflip"] is True
+    assert_close(
+        weights(tmp_path / "one" / "checkpoint_final.safetensors")[0],
+        weights(tmp_path / "two" / "checkpoint_final.safetensors")[0],
+    )
+    off = fmkit(*train_args(faces, tmp_path / "off", "--max-steps", 4))  # flip=false
+    ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
+    other, _ = weights(tmp_path / "off" / "checkpoint_final.safetensors")
+    assert off.returncode == 0 and any(not torch.equal(ref[k], other[k]) for k in ref)

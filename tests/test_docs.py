@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO
 
 from fmkit import hookspecs
+from fmkit.plugins import KINDS
 
 HOOKS = [
     name
@@ -21,8 +22,18 @@ def test_hooks_found():
         "register_datasets",
         "register_paths",
         "register_solvers",
+        "register_objectives",
         "register_commands",
     } <= set(HOOKS)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_what_fmkit_passes_each_kind_is_documented(kind):
+    """The table in docs/writing-plugins.md matches fmkit.plugins.KINDS, row by row."""
+    text = (REPO / "docs" / "writing-plugins.md").read_text()
+    spec = KINDS[kind]
+    cells = lambda names: ", ".join(f"`{n}`" for n in names) or "—"  # noqa: E731
+    assert f"| {kind} | {cells(spec.fixed)} | {cells(spec.optional)} |" in text
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -90,6 +101,14 @@ def test_writing_plugins_walkthrough_installs_and_works(tmp_path):
     )
     assert listed.returncode == 0, listed.stderr
     assert "my-net  A two-layer toy backbone; option width." in listed.stdout
+    objectives = subprocess.run(
+        [sys.executable, "-m", "fmkit", "list", "objectives"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert "late-weighted  Flow matching weighted towards the data end" in objectives.stdout
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(package / "tests")],
         capture_output=True,

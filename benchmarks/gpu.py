@@ -91,8 +91,10 @@ SMOKE = {
 
 
 def load_benchmark(name: str):
+    """Another script of benchmarks/ as a module (registered, so its dataclasses work)."""
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -145,21 +147,16 @@ def stage_train(cfg, work, device, peak, results, rows) -> Path:
     workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     flops = step_flops(cfg, device)
     results["flops_per_step"] = flops
-    common = dict(
-        steps=cfg["steps"],
-        warmup=cfg["warmup"],
-        batch_size=cfg["batch_size"],
-        image_size=cfg["image_size"],
-        unet=cfg["unet"],
-        device=device.type,
-        num_workers=workers,
-    )
     last = None
     for label, precision, compiled in cfg["modes"]:
+        settings = train_step.Settings(
+            cfg["steps"], cfg["warmup"], cfg["batch_size"], cfg["image_size"], cfg["unet"],
+            device.type, precision, compiled, workers,
+        )  # fmt: skip
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         out = work / f"train-{label}"
-        ips = train_step.fmkit_loop(data, out, precision=precision, compile=compiled, **common)
+        ips = train_step.fmkit_loop(data, out, settings)
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0
         mfu = flops * ips / cfg["batch_size"] / (peak * 1e12) if peak else None
         results[f"train_{label}"] = {"images_per_s": ips, "peak_gib": peak_mem, "mfu": mfu}
@@ -171,7 +168,7 @@ def stage_train(cfg, work, device, peak, results, rows) -> Path:
             )
         )
         last = out
-    bare = train_step.bare_loop(data, precision=precision, compile=compiled, **common)
+    bare = train_step.bare_loop(data, settings)
     ratio = results[f"train_{label}"]["images_per_s"] / bare
     results[f"bare_{label}"] = {"images_per_s": bare, "trainer_ratio": ratio}
     rows.append((f"bare loop {label}", f"{bare:,.0f} img/s; trainer/bare {ratio:.3f}"))

@@ -38,9 +38,16 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
-        ema = list(self.model.parameters())
-        torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - d)
-        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+        if getattr(self, "_source", None) is not model:  # walk the modules once, not per step
+            self._source = model
+            self._pairs = (
+                list(self.model.parameters()),
+                [p.detach() for p in model.parameters()],
+                list(zip(self.model.buffers(), model.buffers(), strict=True)),
+            )
+        ema, params, buffers = self._pairs
+        torch._foreach_lerp_(ema, params, 1.0 - d)
+        for b_ema, b in buffers:
             b_ema.copy_(b)
         self.updates += 1
 

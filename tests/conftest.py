@@ -35,6 +35,24 @@ TINY = [
 
 
 @pytest.fixture
+def faces(tmp_path):
+    """24 solid-colour 20x20 PNGs: the folder most CLI training tests train on."""
+    root = tmp_path / "faces"
+    for i in range(24):
+        write_image(root / f"{i:02d}.png", size=(20, 20), color=(i * 10, 100, 255 - i * 10))
+    return root
+
+
+def train_args(faces, out, *extra):
+    """`fmkit train` on `faces` at 16x16, batch 4, with the tiny UNet and small grids."""
+    return [
+        "train", "--dataset", "folder", "--data-dir", faces, "--image-size", 16,
+        "--batch-size", 4, "--num-samples", 4, "--sample-steps", 3, "--log-every", 1,
+        "--output", out, *TINY, *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
 def register_plugin():
     """register_plugin(obj, name): add a plugin object for one test, removed afterwards."""
     names = []

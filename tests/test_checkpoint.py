@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, one_line_error, write_image
+from conftest import one_line_error, train_args
 
 from fmkit import checkpoint
 
@@ -67,36 +67,6 @@ def test_checkpoints_honour_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
-
-
-@pytest.fixture
-def faces(tmp_path):
-    root = tmp_path / "faces"
-    for i in range(8):
-        write_image(root / f"{i}.png", size=(16, 16), color=(i * 30, 90, 200 - i * 20))
-    return root
-
-
-def train_args(faces, out, *extra):
-    return [
-        "train",
-        "--dataset",
-        "folder",
-        "--data-dir",
-        faces,
-        "--image-size",
-        16,
-        "--batch-size",
-        4,
-        "--num-samples",
-        1,
-        "--sample-steps",
-        1,
-        "--output",
-        out,
-        *TINY,
-        *extra,
-    ]
 
 
 def test_resume_from_a_checkpoint_whose_header_starts_with_0x80(tmp_path, faces, run_cli):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, one_line_error, write_image
+from conftest import REPO, TINY, one_line_error, write_image
 
 from fmkit import checkpoint
 from fmkit.evaluate import inception_features, load_inception, reference, score, to_uint8
@@ -17,25 +17,14 @@ from fmkit.solver import build_solver
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A randomly initialised Inception-v3 saved as torch-fidelity expects its weights file."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    """A randomly initialised Inception-v3 saved as torch-fidelity expects its weights file
+    (benchmarks/gpu.py writes it the same way for its offline FID stage)."""
+    import importlib.util
 
-    # Building the network normally loads the official weights; skip that once to get the
-    # architecture with its random initialisation, then save its state dict.
-    load_url, load_sd = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
-    fe.load_state_dict_from_url = lambda *args, **kwargs: {}
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *args, **kwargs: None
-    try:
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = (
-            load_url,
-            load_sd,
-        )
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    spec = importlib.util.spec_from_file_location("gpu", REPO / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    return gpu.random_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
 
 
 @pytest.fixture(scope="module")

@@ -5,42 +5,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY, one_line_error, write_image
+from conftest import TINY, one_line_error, train_args, write_image
 from PIL import Image
 
 from fmkit import checkpoint, hookimpl
-
-
-@pytest.fixture
-def faces(tmp_path):
-    root = tmp_path / "faces"
-    for i in range(24):
-        write_image(root / f"{i:02d}.png", size=(20, 20), color=(i * 10, 100, 255 - i * 10))
-    return root
-
-
-def train_args(faces, out, *extra):
-    return [
-        "train",
-        "--dataset",
-        "folder",
-        "--data-dir",
-        faces,
-        "--image-size",
-        16,
-        "--batch-size",
-        4,
-        "--num-samples",
-        4,
-        "--sample-steps",
-        3,
-        "--log-every",
-        1,
-        "--output",
-        out,
-        *TINY,
-        *extra,
-    ]
 
 
 def test_train_writes_checkpoints_grids_metrics_then_sample(tmp_path, faces, run_cli):

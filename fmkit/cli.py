@@ -144,6 +144,8 @@ def _config_flag(f) -> typing.Callable:
     low = 0 if meta.get("zero_is_none") else meta.get("min")
     if meta.get("choices"):
         kind = click.Choice(meta["choices"])
+    elif base in (int, float) and low is None and meta.get("max") is None:
+        kind = base
     elif base is int:
         kind = click.IntRange(low, meta.get("max"))
     elif base is float:

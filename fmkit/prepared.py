@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fmkit.batch import Condition, DataSpec, describe
+from fmkit.batch import Condition, DataSpec, collate, describe
 from fmkit.errors import FmkitError
 from fmkit.pixels import to_float, to_pixels
 
@@ -123,8 +123,7 @@ def decoded_cache_dir(dataset, source: dict) -> Path | None:
 def _pixels(dataset, index: int) -> np.ndarray:
     if hasattr(dataset, "pixels"):
         return dataset.pixels(index)
-    item = dataset[index]
-    return to_pixels(item[0] if isinstance(item, (tuple, list)) else item)
+    return to_pixels(collate([dataset[index]]).images[0])
 
 
 class PreparedArray(torch.utils.data.Dataset):

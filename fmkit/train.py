@@ -175,12 +175,13 @@ class Run:
             )
         self.local_batch = cfg.batch_size // info.world_size  # this rank's images per step
         self.micro_batch = self.local_batch // cfg.grad_accum  # images per forward/backward
-        backbone = registry("backbones").get(cfg.backbone)
+        backbones = registry("backbones")  # options checked before any download
+        supplied = dict.fromkeys((*backbones.fixed, *backbones.optional))
         check_options(
-            backbone.factory,
+            backbones.get(cfg.backbone).factory,
             cfg.backbone_opts,
             f"backbone '{cfg.backbone}'",
-            dict.fromkeys(("image_size", "channels", "data")),
+            supplied,
         )
 
     def build_objective(self) -> Objective:

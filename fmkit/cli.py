@@ -18,7 +18,7 @@ from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.evaluate import WEIGHTS_ENV, evaluate_solver, result_line, setup, training_data
 from fmkit.generator import Generator
-from fmkit.options import check_options, describe_options, parse_options
+from fmkit.options import check_options, describe_options, parse_options, parse_value
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import write_array
 from fmkit.registry import unknown_name_message
@@ -231,25 +231,120 @@ _CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or ex
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
 )
+@click.option(
+    "--cond",
+    "conds",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Condition of every image: an attribute (Smiling=1, Eyeglasses=0; those left out are "
+    "unspecified) or class=NAME|INDEX (repeatable; `fmkit list-conditions`).",
+)
+@click.option(
+    "--cond-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="One image per line, each line's conditions as in --cond, comma-separated.",
+)
+@click.option(
+    "--guidance",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Classifier-free guidance weight w: v_u + w (v_c - v_u); 1 is none.",
+)
+@click.option(
+    "--guidance-interval",
+    default="0,1",
+    show_default=True,
+    metavar="LO,HI",
+    help="Guide only at times LO <= t <= HI (t = 0 noise, 1 data).",
+)
+@click.pass_context
 def sample_command(
-    ckpt, solver, steps, solver_opts, num_samples, batch_size, seed, ema, output, trajectory, device
-) -> None:
+    ctx, ckpt, solver, steps, solver_opts, num_samples, batch_size, seed, ema, output,
+    trajectory, device, conds, cond_file, guidance, guidance_interval,
+) -> None:  # fmt: skip
     """Generate images from a checkpoint with any ODE solver; prints the NFE of each batch.
 
-    Example: fmkit sample --checkpoint results --solver dopri5
+    Example: fmkit sample --checkpoint results --cond Smiling=1 --cond Eyeglasses=1 --guidance 2
     """
     generator = Generator.load(ckpt, ema=ema, device=resolve_device(device))
     built = build_solver(solver, steps=steps, options=parse_options(solver_opts, "--solver-opt"))
+    cond = parse_conditions(conds, "--cond") if conds else None
+    if cond_file is not None:
+        if (
+            conds
+            or ctx.get_parameter_source("num_samples") is not click.core.ParameterSource.DEFAULT
+        ):
+            raise FmkitError("--cond-file gives one image per line; drop --cond and --num-samples")
+        cond = read_condition_file(cond_file)
+        num_samples = len(cond)
     if built.adaptive:
         click.echo(f"note: {solver} is adaptive; --steps is ignored")
     report = sample_to_dir(
-        generator, built, output, num_samples, batch_size, seed, trajectory, click.echo
-    )
+        generator, built, output, num_samples, batch_size, seed, trajectory, click.echo,
+        cond=generator.encode(cond, num_samples), guidance=guidance,
+        interval=parse_interval(guidance_interval),
+    )  # fmt: skip
     click.echo(
         f"{report.images} images in {output}/ ({solver}, mean NFE "
         f"{sum(report.nfe) / len(report.nfe):.1f}); {report.seconds:.2f} s, "
         f"{report.images / report.seconds:.1f} images/s"
     )
+
+
+def parse_conditions(pairs, flag: str) -> dict:
+    """`("Smiling=1", "class=cat")` -> {"Smiling": 1, "class": "cat"}."""
+    wanted = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise FmkitError(f"{flag} expects NAME=VALUE, got {pair!r}")
+        wanted[name.strip()] = parse_value(value)
+    return wanted
+
+
+def read_condition_file(path: Path) -> list[dict]:
+    """One condition per non-empty line (`Smiling=1,Eyeglasses=0` or `class=cat`)."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            rows.append(parse_conditions(line.split(","), f"{path}:{number}"))
+    if not rows:
+        raise FmkitError(f"{path} holds no conditions")
+    return rows
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise FmkitError(f"--guidance-interval expects LO,HI, got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise FmkitError(f"--guidance-interval needs 0 <= LO <= HI <= 1, got {text}")
+    return lo, hi
+
+
+@cli.command("list-conditions")
+@click.option(
+    "--checkpoint", "ckpt", required=True, type=click.Path(exists=True, path_type=Path),
+    help=_CHECKPOINT_HELP,
+)  # fmt: skip
+def list_conditions_command(ckpt: Path) -> None:
+    """Print what a model can be asked for: its classes or attributes."""
+    condition = Generator.load(ckpt).data.condition
+    if condition.kind == "none":
+        click.echo("unconditional: this model takes no conditions")
+        return
+    if condition.kind == "class":
+        click.echo(f"{condition.size} classes (--cond class=NAME or class=INDEX):")
+        for i, name in enumerate(condition.names):
+            click.echo(f"  {i}  {name}")
+        return
+    click.echo(
+        f"{condition.size} attributes (--cond NAME=1 or NAME=0; leave one out: unspecified):"
+    )
+    for name in condition.names:
+        click.echo(f"  {name}")
 
 
 @cli.command("export")

@@ -44,9 +44,8 @@ def data_spec(dataset, image_size: int, channels: int, condition: str) -> DataSp
     if condition == "none":
         return DataSpec(spec.channels, spec.image_size, Condition())
     if spec.condition.kind != condition:
-        raise FmkitError(
-            f"--condition {condition}: the dataset yields {spec.condition.kind} conditions"
-        )
+        has = "no conditions" if spec.condition.kind == "none" else spec.condition.kind
+        raise FmkitError(f"--condition {condition}: the dataset yields {has} (not {condition})")
     return spec
 
 

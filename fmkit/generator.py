@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from fmkit import checkpoint
-from fmkit.batch import Cond, DataSpec
+from fmkit.batch import UNSPECIFIED, Cond, Condition, DataSpec, call_model
 from fmkit.errors import FmkitError
 from fmkit.objective import Objective, as_model
+from fmkit.registry import unknown_name_message
 from fmkit.solver import Solution, Solver, build_solver
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -216,12 +217,28 @@ class Generator:
 
     @torch.no_grad()
     def generate(
-        self, noise: Tensor, solver: Solver, cond: Cond | None = None, times: Tensor | None = None
+        self,
+        noise: Tensor,
+        solver: Solver,
+        cond: Cond | None = None,
+        times: Tensor | None = None,
+        guidance: float = 1.0,
+        interval: tuple[float, float] = (0.0, 1.0),
     ) -> Solution:
-        """Integrate from given `noise` (B, C, H, W); states at `times` (default [0, 1])."""
-        return self.objective.generate(
-            as_model(self.module), noise.to(self.device), solver, cond, times
-        )
+        """Integrate from given `noise` (B, C, H, W); states at `times` (default [0, 1]).
+
+        `cond` is in fmkit.batch's form (see `encode`); `guidance` and `interval` as in
+        GuidedModel. The NFE counts every network evaluation, guidance's second pass included.
+        """
+        model = GuidedModel(self.module, guidance, interval)
+        solution = self.objective.generate(model, noise.to(self.device), solver, cond, times)
+        solution.nfe = model.nfe
+        return solution
+
+    def encode(self, cond: Any, n: int) -> Cond | None:
+        """User conditions ({"Smiling": 1}, {"class": "cat"}, a list of those, or tensors) as
+        the model's tensors; see `encode_conditions`."""
+        return encode_conditions(self.data.condition, cond, n)
 
     def batches(
         self,
@@ -230,15 +247,18 @@ class Generator:
         solver: Solver,
         batch_size: int = 64,
         seed: int = 0,
-        cond: Cond | None = None,
+        cond: Any = None,
         trajectory: int = 0,
+        guidance: float = 1.0,
+        interval: tuple[float, float] = (0.0, 1.0),
     ) -> Iterator[tuple[Tensor, Solution]]:
         """Generate in batches: yields (images on the CPU, Solution) per batch.
 
         Noise comes from a CPU generator seeded by `seed`, drawn batch after batch, so the same
-        seed gives the same images on any device. `cond` holds one row per sample.
-        `trajectory` = K >= 2 also keeps K states of the first batch.
+        seed gives the same images on any device. `cond`: see `encode`. `trajectory` = K >= 2
+        also keeps K states of the first batch.
         """
+        cond = self.encode(cond, num_samples)
         was_training = self.module.training
         self.module.eval()
         generator = torch.Generator().manual_seed(seed)
@@ -253,7 +273,7 @@ class Generator:
                     else {k: v[start : start + n].to(self.device) for k, v in cond.items()}
                 )
                 times = torch.linspace(0, 1, trajectory) if trajectory >= 2 and start == 0 else None
-                solution = self.generate(noise, solver, rows, times)
+                solution = self.generate(noise, solver, rows, times, guidance, interval)
                 yield solution.x.float().cpu(), solution
         finally:
             self.module.train(was_training)
@@ -261,20 +281,26 @@ class Generator:
     def sample(
         self,
         num_samples: int,
-        cond: Cond | None = None,
+        cond: Any = None,
         solver: str | Solver = "euler",
         steps: int | None = None,
         seed: int = 0,
         batch_size: int = 64,
         solver_options: dict | None = None,
         trajectory: int = 0,
+        guidance: float = 1.0,
+        interval: tuple[float, float] = (0.0, 1.0),
     ) -> Samples:
         """`num_samples` images from noise seeded by `seed`, with NFE and timing.
 
         Args:
-            cond: None, or a condition dict with one row per sample (see fmkit.batch).
+            cond: what to generate: {"Smiling": 1, "Eyeglasses": 1} (attributes left out are
+                unspecified), {"class": "cat"}, a list of such dicts (one per sample), or
+                tensors in fmkit.batch's form; None for unconditional samples.
             solver: a registered solver's name (with `steps` / `solver_options`) or a Solver.
             trajectory: K >= 2 keeps K states of the first batch, from noise to image.
+            guidance: classifier-free guidance weight w (1: none); `interval` limits it to
+                times lo <= t <= hi.
         """
         if isinstance(solver, str):
             solver = build_solver(solver, steps=steps, options=solver_options)
@@ -282,13 +308,105 @@ class Generator:
         images, nfe, kept = [], [], None
         for x, solution in self.batches(
             num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
-            trajectory=trajectory,
+            trajectory=trajectory, guidance=guidance, interval=interval,
         ):  # fmt: skip
             images.append(x)
             nfe.append(solution.nfe)
             if kept is None and trajectory >= 2:
                 kept = solution.trajectory.float().cpu()
         return Samples(torch.cat(images), nfe, time.perf_counter() - start, kept)
+
+
+class GuidedModel:
+    """A backbone as objectives call it, model(x, t, cond), with classifier-free guidance
+    (Ho & Salimans 2022), and a count of network evaluations.
+
+    With guidance w, the output is v_u + w (v_c - v_u): v_c given the conditions, v_u with
+    every condition unspecified, both from one batched forward pass (counted as 2 NFE). w = 1
+    is the conditional model alone, w = 0 the unconditional one (1 NFE each). Guidance can be
+    limited to times in `interval` (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited
+    Interval Improves Sample and Distribution Quality"); outside it the model is conditional.
+    """
+
+    def __init__(
+        self, module: nn.Module, guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0)
+    ) -> None:
+        self.module, self.guidance, self.interval = module, guidance, interval
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        w = self.guidance
+        if cond is None or w == 1.0 or not self._inside(t):
+            self.nfe += 1
+            return call_model(self.module, x, t, cond)
+        free = {k: torch.full_like(v, UNSPECIFIED) if k in LABELS else v for k, v in cond.items()}
+        if w == 0.0:
+            self.nfe += 1
+            return call_model(self.module, x, t, free)
+        both = {k: torch.cat([cond[k], free[k]]) for k in cond}
+        v_c, v_u = call_model(self.module, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        self.nfe += 2
+        return v_u + w * (v_c - v_u)
+
+    def _inside(self, t: Tensor) -> bool:
+        lo, hi = self.interval
+        if lo <= 0.0 and hi >= 1.0:
+            return True
+        now = float(t.reshape(-1)[0])  # one time for the whole batch during a solve
+        return lo <= now <= hi
+
+
+LABELS = ("class", "attributes")  # the condition keys guidance leaves out
+
+
+def encode_conditions(condition: Condition, wanted: Any, n: int) -> Cond | None:
+    """Conditions as a user gives them -> the tensors a model takes, one row per sample.
+
+    `wanted` is None; a mapping of names to values applied to every sample
+    ({"Smiling": 1, "Eyeglasses": 0} for attributes, leaving the others unspecified, or
+    {"class": "cat"} / {"class": 3}); a list of n such mappings, one per sample; or tensors
+    already in fmkit.batch's form ({"class": (n,)} or {"attributes": (n, K)}).
+    """
+    if wanted is None or (isinstance(wanted, Mapping) and not wanted):
+        return None
+    if isinstance(wanted, Mapping) and all(isinstance(v, Tensor) for v in wanted.values()):
+        return dict(wanted)
+    if condition.kind == "none":
+        raise FmkitError("this model was trained without conditions; sample it without any")
+    rows = list(wanted) if isinstance(wanted, (list, tuple)) else [wanted] * n
+    if len(rows) != n:
+        raise FmkitError(f"{len(rows)} conditions given for {n} samples")
+    encoded = [_encode_one(condition, row) for row in rows]
+    return {condition.kind: torch.tensor(encoded, dtype=torch.long)}
+
+
+def _encode_one(condition: Condition, row: Mapping[str, Any]) -> int | list[int]:
+    names = list(condition.names)
+    if condition.kind == "class":
+        unknown = sorted(set(row) - {"class"})
+        if unknown:
+            raise FmkitError(f"a class-conditional model takes class=NAME, not '{unknown[0]}'")
+        value = row.get("class")
+        if value is None:
+            return UNSPECIFIED
+        if isinstance(value, str) and value in names:
+            return names.index(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) < len(names):
+            return int(value)
+        raise FmkitError(unknown_name_message("class", str(value), names))
+    states = [UNSPECIFIED] * len(names)
+    for name, value in row.items():
+        if name not in names:
+            raise FmkitError(unknown_name_message("attribute", name, names))
+        state = {0: 0, 1: 1, "0": 0, "1": 1}.get(value)  # True and False are 1 and 0 too
+        if state is None:
+            raise FmkitError(
+                f"attribute {name} must be 0 or 1 (leave it out for unspecified), got {value!r}"
+            )
+        states[names.index(name)] = state
+    return states
 
 
 def is_model_folder(path: Path) -> bool:

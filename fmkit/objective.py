@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fmkit.batch import Batch, Cond, call_model
+from fmkit.batch import UNSPECIFIED, Batch, Cond, call_model
 from fmkit.solver import Solution, Solver, Velocity, integrate
 
 # A backbone as objectives see it: model(x, t, cond) -> (B, C, H, W); cond may be None.
@@ -84,6 +84,31 @@ class Draws:
             (self.global_batch, *shape), generator=self.generator(), device=self.device
         )
         return full[self.rows]
+
+
+def drop_conditions(
+    cond: Cond | None, draws: Draws, sample_rate: float, attribute_rate: float = 0.0
+) -> Cond | None:
+    """Conditions left out at random, so one model learns the conditional and unconditional
+    velocities that classifier-free guidance combines (Ho & Salimans 2022, "Classifier-Free
+    Diffusion Guidance").
+
+    Each sample's whole condition is dropped with probability `sample_rate`; with attributes,
+    each remaining attribute is dropped with probability `attribute_rate` too, so any subset can
+    be left unspecified at sampling time. Dropped entries become UNSPECIFIED. The second time
+    "r" of few-step objectives is never dropped.
+    """
+    if cond is None or (sample_rate <= 0 and attribute_rate <= 0):
+        return cond
+    out = dict(cond)
+    whole = draws.uniform() < sample_rate  # (n,)
+    if "class" in cond:
+        out["class"] = torch.where(whole, UNSPECIFIED, cond["class"])
+    if "attributes" in cond:
+        attributes = cond["attributes"]
+        dropped = whole[:, None] | (draws.uniform(attributes.shape[1]) < attribute_rate)
+        out["attributes"] = torch.where(dropped, UNSPECIFIED, attributes)
+    return out
 
 
 class Objective(ABC):

@@ -163,6 +163,8 @@ def conform(value: Any, annotation: Any) -> Any:
             return value
         raise TypeError(value)
     if origin in (tuple, list) or annotation in (tuple, list):
+        if isinstance(value, str) and "," in value:  # `attributes=Smiling,Eyeglasses`
+            value = tuple(part.strip() for part in value.split(","))
         items = value if isinstance(value, (tuple, list)) else (value,)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(items) != len(args):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.utils import save_image
 
-from fmkit.batch import Cond
 from fmkit.generator import Generator
 from fmkit.pixels import to_unit
 from fmkit.solver import Solver
@@ -32,17 +32,20 @@ def sample_to_dir(
     seed: int,
     trajectory: int = 0,
     log=print,
-    cond: Cond | None = None,
+    cond: Any = None,
+    guidance: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
 ) -> SampleReport:
     """Generate `num_samples` images into `out`: grid.png, one PNG per sample and, with
-    `trajectory` = K >= 2, trajectory.png (K states from noise to image for the first batch)."""
+    `trajectory` = K >= 2, trajectory.png (K states from noise to image for the first batch).
+    `cond`, `guidance` and `interval` are as in `Generator.sample`."""
     out.mkdir(parents=True, exist_ok=True)
     images, nfes = [], []
     batches = (num_samples + batch_size - 1) // batch_size
     start = time.perf_counter()
     stream = generator.batches(
         num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
-        trajectory=trajectory,
+        trajectory=trajectory, guidance=guidance, interval=interval,
     )  # fmt: skip
     for b, (x, solution) in enumerate(stream):
         if trajectory >= 2 and b == 0:

@@ -31,7 +31,7 @@ from fmkit.options import check_options
 from fmkit.plugins import plugin_info, registry
 from fmkit.solver import build_solver
 from fmkit.state import EMA, TrainState
-from fmkit.visualize import visualize_samples
+from fmkit.visualize import grid_conditions, visualize_samples
 
 __all__ = ["EMA", "EpochSampler", "resolve_device", "train"]
 
@@ -447,12 +447,17 @@ class Run:
         cfg = self.cfg
         ema = Generator(self.spec, self.state.ema.model)
         solver = build_solver("euler", steps=cfg.sample_steps)
+        ncol = int(math.sqrt(cfg.num_samples)) or 1
+        cond = None
+        if self.data.condition.kind != "none":  # one condition per row, captioned
+            shown = grid_conditions(self.data.condition, math.ceil(cfg.num_samples / ncol))
+            cond = [row for _, row in shown for _ in range(ncol)][: cfg.num_samples]
+            captions = [f"row {r + 1}: {caption}" for r, (caption, _) in enumerate(shown)]
+            (self.out / f"{name}.txt").write_text("\n".join(captions) + "\n")
         samples = ema.sample(
-            cfg.num_samples, solver=solver, seed=cfg.seed, batch_size=cfg.num_samples
+            cfg.num_samples, cond=cond, solver=solver, seed=cfg.seed, batch_size=cfg.num_samples
         )
-        visualize_samples(
-            samples.images, self.out / f"{name}.png", nrow=int(math.sqrt(cfg.num_samples)) or 1
-        )
+        visualize_samples(samples.images, self.out / f"{name}.png", nrow=ncol)
 
     def save(self, name: str) -> Path:
         """A checkpoint (collective: every rank takes part)."""

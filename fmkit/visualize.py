@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import Tensor
 from torchvision.utils import save_image
 
+from fmkit.batch import Condition
 from fmkit.pixels import to_unit
 
 
@@ -25,3 +26,17 @@ def trajectory_strip(trajectory: Tensor, save_path: str | Path) -> Path:
     path = Path(save_path)
     save_image(to_unit(rows), path, nrow=k, padding=2)
     return path
+
+
+def grid_conditions(condition: Condition, rows: int) -> list[tuple[str, dict]]:
+    """What each row of a training grid shows, so control can be watched as it emerges:
+    one class per row (cycling) or, with attributes, the unconditional model, then each
+    attribute on and off in turn. Returns (caption, conditions) per row."""
+    if condition.kind == "class":
+        return [(f"class={condition.names[r % condition.size]}", {"class": r % condition.size})
+                for r in range(rows)]  # fmt: skip
+    shown = [("unconditional (all attributes unspecified)", {})]
+    for r in range(rows - 1):
+        name, value = condition.names[(r // 2) % condition.size], 1 - r % 2
+        shown.append((f"{name}={value}", {name: value}))
+    return shown[:rows]

@@ -16,6 +16,7 @@ from fmkit import FmkitError, hookimpl
 from fmkit.batch import Condition
 from fmkit.download import DownloadError, download, md5sum, unreachable
 from fmkit.images import Box, ImageFileDataset, center_square
+from fmkit.registry import unknown_name_message
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def celeba(
     image_size: int,
     split: Literal["train", "valid", "test", "all"] = "train",
     condition: Literal["none", "attributes"] = "none",
+    attributes: tuple[str, ...] | None = None,
     crop: Literal["ddim", "center140", "full"] = "ddim",
     download: bool = True,
     mirror_url: str | None = None,
@@ -208,7 +210,7 @@ def celeba(
             (endpoint default: $HF_ENDPOINT, else huggingface.co).
 
     With condition="attributes" (fmkit train --condition attributes) items are (image, the 40
-    attributes in {0, 1}).
+    attributes in {0, 1}), or only those named by `attributes` (Smiling,Eyeglasses,Male).
     """
     folder = Path(root) / "celeba"
     prepare_files(folder, download, mirror_url, hf_repo, hf_revision, hf_endpoint)
@@ -222,16 +224,22 @@ def celeba(
             f"(first: {missing[0]}); delete the folder to extract it again"
         )
     attr_names, attrs = read_attributes(folder / "list_attr_celeba.txt")
+    chosen = list(attributes) if attributes else attr_names
+    for name in chosen:
+        if name not in attr_names:
+            raise FmkitError(unknown_name_message("CelebA attribute", name, attr_names))
+    columns = [attr_names.index(name) for name in chosen]
     labels = None
     if condition == "attributes":
-        labels = torch.tensor([attrs[n] for n in names], dtype=torch.long)
+        table = torch.tensor([attrs[n] for n in names], dtype=torch.long)  # (N, 40)
+        labels = table[:, columns]
     dataset = CelebA(
         [images / n for n in names],
         image_size,
         CROPS[crop],
         labels,
         split=split,
-        condition=Condition("attributes", tuple(attr_names)),
+        condition=Condition("attributes", tuple(chosen)),
     )
     dataset.attributes = attr_names
     return dataset

@@ -6,10 +6,13 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
+import torch
 from PIL import Image
 
 from fmkit import FmkitError, hookimpl
+from fmkit.batch import Condition
 from fmkit.images import IMAGE_EXTENSIONS, ImageFileDataset, find_images
 
 logger = logging.getLogger("fmkit")
@@ -55,15 +58,45 @@ def scan(root: Path, verify: bool = True) -> list[Path]:
 
 
 def folder(
-    *, root: str, image_size: int, split: str = "train", verify: bool = True
+    *,
+    root: str,
+    image_size: int,
+    split: str = "train",
+    condition: Literal["none", "class"] = "none",
+    verify: bool = True,
 ) -> ImageFileDataset:
     """Every image under --data-dir, recursively (jpg/png/webp/bmp); center crop + resize.
 
     Options:
         verify: decode every file once up front and skip unreadable ones.
+
+    With condition="class" (fmkit train --condition class) each subfolder of --data-dir is a
+    class, named after it, and items are (image, class index).
     """
+    root_path = Path(root)
+    files = scan(root_path, verify)
+    labels, classes = None, None
+    if condition == "class":
+        classes = sorted(
+            {f.relative_to(root_path).parts[0] for f in files if f.parent != root_path}
+        )
+        loose = [f.name for f in files if f.parent == root_path]
+        if not classes or loose:
+            raise FmkitError(
+                f"--condition class needs one subfolder per class in {root} "
+                + (f"(found images outside them, e.g. {loose[0]})" if loose else "(found none)")
+            )
+        index = {name: i for i, name in enumerate(classes)}
+        labels = torch.tensor([index[f.relative_to(root_path).parts[0]] for f in files])
     # A folder has no official partition: every split is the whole folder (split=None says so).
-    return ImageFileDataset(scan(Path(root), verify), image_size, box=None, split=None)
+    return ImageFileDataset(
+        files,
+        image_size,
+        box=None,
+        labels=labels,
+        split=None,
+        condition=Condition("class", tuple(classes)) if classes else None,
+    )
 
 
 @hookimpl

@@ -10,7 +10,7 @@ from torch import Tensor
 from fmkit import hookimpl
 from fmkit.batch import Batch, Cond
 from fmkit.flow import base_is_uniform, time_from_base
-from fmkit.objective import Draws, Loss, Model, Objective
+from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
 from fmkit.path import ProbabilityPath
 
 
@@ -24,6 +24,9 @@ class FlowMatchingObjective(Objective):
         time_sampling: "uniform", "logit_normal" or "edm" (see `fmkit.sample_time`); edm's
             noise levels are mapped to times by the path.
         time_loc, time_scale: the logit-normal location and scale.
+        cond_dropout: probability of training a sample without its condition (for
+            classifier-free guidance; unconditional data has none to drop).
+        attribute_dropout: with attributes, the probability of leaving out each one.
     """
 
     def __init__(
@@ -32,16 +35,20 @@ class FlowMatchingObjective(Objective):
         time_sampling: str = "uniform",
         time_loc: float = 0.0,
         time_scale: float = 1.0,
+        cond_dropout: float = 0.1,
+        attribute_dropout: float = 0.1,
     ) -> None:
         self.path = path
         self.time_sampling = time_sampling
         self.time_loc, self.time_scale = time_loc, time_scale
+        self.cond_dropout, self.attribute_dropout = cond_dropout, attribute_dropout
 
     def loss(self, model: Model, batch: Batch, draws: Draws) -> Loss:
         x1 = batch.images  # (B, C, H, W)
         x0 = draws.normal(*x1.shape[1:]).to(x1.dtype)
         base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()
-        return Loss(self.regress(model, x0, x1, self._times(base), batch.cond))
+        cond = drop_conditions(batch.cond, draws, self.cond_dropout, self.attribute_dropout)
+        return Loss(self.regress(model, x0, x1, self._times(base), cond))
 
     def regress(self, model: Model, x0: Tensor, x1: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         """Mean squared error between the model's and the path's velocity at (x0, x1, t)."""
@@ -66,11 +73,22 @@ def flow_matching(
     time_sampling: Literal["uniform", "logit_normal", "edm"] = "uniform",
     time_loc: float = 0.0,
     time_scale: float = 1.0,
+    cond_dropout: float = 0.1,
+    attribute_dropout: float = 0.1,
 ) -> FlowMatchingObjective:
-    """Flow matching (Lipman et al. 2023); options time_sampling, time_loc, time_scale."""
+    """Flow matching (Lipman et al. 2023); options time sampling, condition dropout.
+
+    Options: time_sampling (uniform, logit_normal, edm), time_loc, time_scale; cond_dropout and
+    attribute_dropout for conditional training (classifier-free guidance).
+    """
     if time_scale <= 0:
         raise ValueError(f"time_scale must be positive, got {time_scale}")
-    return FlowMatchingObjective(path, time_sampling, time_loc, time_scale)
+    for name, rate in (("cond_dropout", cond_dropout), ("attribute_dropout", attribute_dropout)):
+        if not 0 <= rate < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    return FlowMatchingObjective(
+        path, time_sampling, time_loc, time_scale, cond_dropout, attribute_dropout
+    )
 
 
 @hookimpl

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fmkit import FmkitError, hookimpl
+from fmkit import UNSPECIFIED, Condition, DataSpec, FmkitError, hookimpl
 
 
 def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -29,8 +29,13 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in DDPM; fewer when a tiny test model has fewer channels.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    # 32 groups as in DDPM, but never one channel per group: the time and condition embedding
+    # is added to each channel as a constant before this norm, and normalising a channel on its
+    # own would subtract that constant again (narrow models were blind to t and conditions).
+    groups = math.gcd(32, channels)
+    while groups > 1 and channels // groups < 2:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
@@ -102,6 +107,41 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class ConditionEmbedding(nn.Module):
+    """The conditions of `fmkit.batch` as a vector added to the time embedding (ADM adds its
+    class embedding the same way).
+
+    A class is a row of a (K + 1)-row table, the last row meaning "unspecified". K binary
+    attributes are the sum of K rows of a (3K)-row table, one row per attribute and state (off,
+    on, unspecified), so any subset can be left out and all left out is the unconditional model.
+
+    Args:
+        condition: what the data is conditioned on ("class" or "attributes", with K names).
+        dim: the embedding width.
+    """
+
+    def __init__(self, condition: Condition, dim: int) -> None:
+        super().__init__()
+        self.kind, self.size = condition.kind, condition.size
+        rows = self.size + 1 if self.kind == "class" else 3 * self.size
+        self.table = nn.Embedding(rows, dim)
+
+    def forward(self, cond: dict[str, Tensor] | None, batch: int, device) -> Tensor:
+        """(B, dim) embedding; cond None means every condition unspecified."""
+        if self.kind == "class":
+            labels = torch.full((batch,), UNSPECIFIED, dtype=torch.long, device=device)
+            if cond is not None:
+                labels = cond["class"].to(device, torch.long)
+            index = torch.where(labels < 0, self.size, labels)  # (B,)
+            return self.table(index)
+        states = torch.full((batch, self.size), UNSPECIFIED, dtype=torch.long, device=device)
+        if cond is not None:
+            states = cond["attributes"].to(device, torch.long)
+        state = torch.where(states < 0, 2, states)  # off 0, on 1, unspecified 2; (B, K)
+        index = 3 * torch.arange(self.size, device=device) + state  # (B, K)
+        return self.table(index).sum(1)  # (B, dim)
+
+
 def check_image_size(
     image_size: int, channel_mult: tuple[int, ...], attn_resolutions: tuple[int, ...]
 ) -> list[int]:
@@ -145,6 +185,8 @@ class UNet(nn.Module):
         dropout: dropout inside residual blocks.
         num_heads: attention heads.
         image_size: training image size; places the attention layers.
+        condition: conditions the model takes (a class or binary attributes), embedded and
+            added to the time embedding; None (or kind "none") for an unconditional model.
     """
 
     def __init__(
@@ -158,6 +200,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_heads: int = 1,
         image_size: int = 64,
+        condition: Condition | None = None,
     ) -> None:
         super().__init__()
         if not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1 or base_channels < 1:
@@ -168,6 +211,9 @@ class UNet(nn.Module):
         self.time_emb_dim = time_emb_dim
         emb = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(time_emb_dim, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.cond_emb = None
+        if condition is not None and condition.kind != "none":
+            self.cond_emb = ConditionEmbedding(condition, emb)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def stage(in_ch: int, out_ch: int, size: int) -> nn.ModuleList:
@@ -209,12 +255,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         self._min_size = 2 ** (len(channel_mult) - 1)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Velocity at (x, t).
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
+        """Velocity at (x, t) given the conditions.
 
         Args:
             x: (B, C, H, W) states; H and W multiples of 2 ** (levels - 1).
             t: (B,) times in [0, 1] (a 0-dim t is broadcast).
+            cond: {"class": (B,)} or {"attributes": (B, K)}, -1 for unspecified; None is all
+                unspecified (see fmkit.batch). An unconditional model ignores it.
         """
         if x.shape[-1] % self._min_size or x.shape[-2] % self._min_size:
             raise FmkitError(
@@ -222,6 +270,8 @@ class UNet(nn.Module):
             )
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_mlp(timestep_embedding(t, self.time_emb_dim).to(x.dtype))  # (B, 4C)
+        if self.cond_emb is not None:
+            emb = emb + self.cond_emb(cond, x.shape[0], x.device).to(emb.dtype)
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]
         for layers in self.down:
@@ -254,6 +304,7 @@ def unet(
     dropout: float = 0.1,
     num_heads: int = 1,
     time_emb_dim: int = 128,
+    data: DataSpec | None = None,
 ) -> UNet:
     """DDPM/ADM UNet (Ho et al. 2020); options base_channels, channel_mult, num_res_blocks, ..."""
     return UNet(
@@ -266,6 +317,7 @@ def unet(
         dropout=dropout,
         num_heads=num_heads,
         image_size=image_size,
+        condition=data.condition if data is not None else None,
     )
 
 

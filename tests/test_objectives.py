@@ -94,6 +94,12 @@ class Plugin:
 
         register("toy-conditional", toy_conditional)
 
+        def toy_plain(*, image_size, channels):
+            """A toy backbone without conditions."""
+            return ToyConditional(channels, 0)
+
+        register("toy-plain", toy_plain)
+
     @hookimpl
     def register_datasets(self, register):
         def two_colours(*, root, image_size, split, condition: str = "none"):
@@ -101,6 +107,12 @@ class Plugin:
             return TwoColours(image_size, labelled=condition == "class")
 
         register("two-colours", two_colours)
+
+        def plain_colours(*, root, image_size, split):
+            """Red and blue squares, no labels."""
+            return TwoColours(image_size, labelled=False)
+
+        register("plain-colours", plain_colours)
 
 
 @pytest.fixture
@@ -149,16 +161,17 @@ def test_condition_errors_are_one_line(tmp_path, run_cli, plugin):
     base = ["train", "--image-size", 8, "--batch-size", 4, "--max-steps", 1]
     base += ["--output", tmp_path / "run"]
     # A backbone whose factory takes no `data` cannot be conditioned.
-    line = one_line_error(run_cli(*base, "--dataset", "two-colours", "--condition", "class", *TINY))
-    assert "backbone 'unet' takes no conditions" in line
-    # A dataset without a `condition` parameter yields none.
-    faces = tmp_path / "faces"
-    for i in range(4):
-        write_image(faces / f"{i}.png", size=(8, 8))
     line = one_line_error(
-        run_cli(*base, "--dataset", "folder", "--data-dir", faces, "--condition", "class")
+        run_cli(
+            *base, "--dataset", "two-colours", "--condition", "class", "--backbone", "toy-plain"
+        )
     )
-    assert "dataset 'folder' yields no conditions" in line
+    assert "backbone 'toy-plain' takes no conditions" in line
+    # A dataset without a `condition` parameter yields none; one that has other labels says so.
+    line = one_line_error(run_cli(*base, "--dataset", "plain-colours", "--condition", "class"))
+    assert "dataset 'plain-colours' yields no conditions" in line
+    line = one_line_error(run_cli(*base, "--dataset", "two-colours", "--condition", "attributes"))
+    assert "--condition attributes: the dataset yields no conditions (not attributes)" in line
     # Flow matching's own flags do not apply to another objective.
     line = one_line_error(
         run_cli(*base, "--dataset", "two-colours", "--backbone", "toy-conditional",

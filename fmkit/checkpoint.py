@@ -52,7 +52,13 @@ def save(path: Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+    try:  # Linux says it without changing it (setting it would race with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)  # elsewhere the only way to read it is to set it
     os.umask(mask)
     return mask
 
@@ -83,7 +89,9 @@ def _inspect(path: Path) -> tuple[dict | None, str]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        header = _parse_header(f, head, size)
+        header, complete = _parse_header(f, head, size)
+    if header is not None and not complete:
+        return None, "corrupt or truncated"  # a safetensors header, but the data is cut short
     if header is None:
         # Not safetensors; only now is the first byte's meaning worth a guess.
         if head[:2] == b"PK" or head[:1] == b"\x80":
@@ -95,29 +103,28 @@ def _inspect(path: Path) -> tuple[dict | None, str]:
         return None, "a safetensors file without fmkit metadata"
 
 
-def _parse_header(f, head: bytes, size: int) -> dict | None:
-    """The safetensors header (8-byte little-endian length, then JSON) when `f` is a complete
-    safetensors file of `size` bytes, else None. A safetensors file may begin with any byte,
-    so this check comes before any guess from magic numbers."""
+def _parse_header(f, head: bytes, size: int) -> tuple[dict | None, bool]:
+    """(the safetensors header, whether the file is complete) when `f` starts like a
+    safetensors file of `size` bytes (8-byte little-endian length, then JSON), else
+    (None, False). A safetensors file may begin with any byte, so this check comes before any
+    guess from magic numbers."""
     if len(head) < 8:
-        return None
+        return None, False
     (length,) = struct.unpack("<Q", head)
     if length > size - 8 or length > 100 * 2**20:
-        return None
+        return None, False
     try:
         header = json.loads(f.read(length))
     except ValueError:
-        return None
+        return None, False
     if not isinstance(header, dict):
-        return None
+        return None, False
     ends = [
         entry["data_offsets"][1]
         for name, entry in header.items()
         if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
     ]
-    if 8 + length + max(ends, default=0) != size:  # truncated (or padded) data
-        return None
-    return header
+    return header, 8 + length + max(ends, default=0) == size  # else truncated (or padded)
 
 
 def load(path: Path) -> tuple[dict[str, Tensor], dict]:

@@ -442,7 +442,7 @@ def _setup(common: dict):
         dataset=common["dataset"],
         data_dir=common["data_dir"],
         split=common["split"],
-        dataset_opts=parse_options(common["dataset_opts"], "--dataset-opt"),
+        dataset_opts=config.dataset_options(parse_options(common["dataset_opts"], "--dataset-opt")),
         reference_stats=common["reference_stats"],
         max_reference_images=common["max_reference_images"],
         inception_weights=common["inception_weights"],
@@ -541,7 +541,7 @@ def eval_nll(
     if dataset is None and not trained_on:
         raise FmkitError(f"{ckpt} records no training data: pass --dataset and --data-dir")
     options = dict(trained_on.get("dataset_opts", {})) if dataset is None else {}
-    options.update(parse_options(dataset_opts, "--dataset-opt"))
+    options.update(config.dataset_options(parse_options(dataset_opts, "--dataset-opt")))
     name = dataset or trained_on["dataset"]
     data = build_dataset(
         name, data_dir or trained_on["data_dir"], generator.data.image_size, split, options
@@ -607,7 +607,7 @@ def _prepare_array_command(name: str) -> click.Command:
     def command(
         data_dir: str, image_size: int, split: str, condition: str, out: Path, dataset_opts
     ):
-        options = parse_options(dataset_opts, "--dataset-opt")
+        options = config.dataset_options(parse_options(dataset_opts, "--dataset-opt"))
         dataset = build_dataset(name, data_dir, image_size, split, options, condition)
         source = source_of(name, data_dir, getattr(dataset, "split", split), options)
         write_array(dataset, out, source)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fmkit.errors import FmkitError
+from fmkit.flow import TIME_SAMPLING
 from fmkit.options import conform
 
 
@@ -88,7 +89,7 @@ class TrainConfig:
     time_sampling: str = option(
         "uniform",
         "Training times of flow matching: uniform, logit_normal (--time-loc/--time-scale) or edm.",
-        choices=("uniform", "logit_normal", "edm"),
+        choices=TIME_SAMPLING,
     )
     time_loc: float = option(0.0, "logit_normal location (0: centred on t = 0.5).")
     time_scale: float = option(1.0, "logit_normal scale.", min=0, min_open=True)
@@ -180,6 +181,18 @@ def normalise(values: dict) -> dict:
     if "dataset_opts" in values:
         values["dataset_opts"] = dataset_opts
     return values
+
+
+def dataset_options(options: dict) -> dict:
+    """Dataset options given outside training (prepare, eval) in today's form: `flip` (now a
+    training option) has no effect there and is dropped; `labels` became --condition."""
+    options = dict(options)
+    options.pop("flip", None)
+    if "labels" in options:
+        raise FmkitError(
+            "the dataset option labels is now --condition class or --condition attributes"
+        )
+    return options
 
 
 def read_toml(path: Path) -> dict:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def make_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        # An iterable dataset's set_epoch (its shuffle seed) reaches workers only when they
+        # are started anew each epoch.
+        persistent_workers=num_workers > 0 and not iterable,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=generator,
         collate_fn=None if condition is None else Collate(condition),
@@ -95,13 +98,15 @@ def cached(
     source: dict,
     writer: bool,
     progress: bool,
-    wait=lambda: None,
     condition: str = "none",
 ):
     """`dataset` read from its decoded copy in fmkit's cache, written on first use by the
-    process with `writer` set (one per node; `wait` lets the others wait for it), so image
+    process with `writer` set (one per node; the others wait for its meta.json), so image
     files are decoded, cropped and resized once rather than every epoch of every run.
-    Datasets that cannot describe their content (streams, custom ones) are returned as is."""
+    Datasets that cannot describe their content (streams, custom ones) are returned as is.
+
+    The others poll the file instead of waiting in a collective: decoding a large dataset can
+    take longer than --dist-timeout, and if the writer fails, torchrun stops the whole job."""
     from fmkit.prepared import META, PreparedArray, decoded_cache_dir, write_array
 
     cache = decoded_cache_dir(dataset, source)
@@ -117,7 +122,8 @@ def cached(
             num_workers=workers,
             desc=f"decoding once into {cache}",
         )
-    wait()
+    while not (cache / META).is_file():
+        time.sleep(2.0)
     return PreparedArray(cache, dataset.image_size, condition=condition)
 
 
@@ -127,14 +133,38 @@ def load_celeba_data(
     image_size: int = 64,
     split: str = "train",
     num_workers: int = 0,
+    flip: bool = True,
+    labels: bool = False,
     **options: Any,
 ) -> DataLoader:
     """The seed's loader: CelebA (downloaded on first use) batched as (B, 3, S, S) in [-1, 1].
 
-    Options (crop, download, ...) are the `celeba` dataset's.
+    `flip` mirrors training images at random, `labels` adds the 40 attributes (batches are then
+    (images, attributes)); other options (crop, download, ...) are the `celeba` dataset's.
     """
-    data = build_dataset("celeba", data_dir, image_size, split, options)
+    condition = "attributes" if labels else "none"
+    data = build_dataset("celeba", data_dir, image_size, split, options, condition)
+    if flip and split == "train":
+        data = RandomFlips(data)
     return make_loader(data, batch_size, num_workers, shuffle=split == "train")
+
+
+class RandomFlips(Dataset):
+    """Items of `dataset` mirrored with probability 1/2 (the seed loader's augmentation; fmkit
+    train flips per sample from the step's seed instead)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        image = item[0] if isinstance(item, tuple) else item
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return (image, *item[1:]) if isinstance(item, tuple) else image
 
 
 def source_of(name: str, root: str, split: str | None, options: dict) -> dict:

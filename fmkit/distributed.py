@@ -75,12 +75,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier(info: DistInfo) -> None:
-    """Wait until every rank gets here (e.g. until one has written a shared cache)."""
-    if info.enabled:
-        dist.barrier()
-
-
 def all_min(value: int, info: DistInfo) -> int:
     """The smallest `value` over all ranks (e.g. "does every rank still have a batch?")."""
     if not info.enabled:
@@ -92,8 +86,17 @@ def all_min(value: int, info: DistInfo) -> int:
     return int(flag.item())
 
 
+def maximum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The largest value of a tensor over all ranks."""
+    if not info.enabled:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return total
+
+
 def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of a scalar tensor over all ranks (for logging)."""
+    """The mean of a tensor over all ranks (for logging)."""
     if not info.enabled:
         return value
     total = value.detach().clone()
@@ -102,8 +105,8 @@ def mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states: the CPU generator (data flips) and, on a GPU, the device's
-    (dropout masks), so a resumed run replays the same draws."""
+    """This process's RNG states: the CPU generator and, on a GPU, the device's (dropout
+    masks), so a resumed run replays the same draws."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)

@@ -149,11 +149,20 @@ def _explain_html(url: str, page: str) -> str:
 
 def unreachable(urls: list[str], timeout: float = 5.0) -> dict[str, str]:
     """Why each of `urls` whose host cannot be reached is unreachable (a short reason); the
-    reachable ones are left out. Hosts are tried at once, in parallel, for at most about
-    `timeout` seconds: a machine without network learns it in seconds, not after minutes of
-    retries per file.
+    reachable ones, and those reached through a proxy ($HTTPS_PROXY, ...), are left out. Hosts
+    are tried at once, in parallel, for at most about `timeout` seconds: a machine without
+    network learns it in seconds, not after minutes of retries per file.
     """
     reasons: dict[str, str] = {}
+    proxies = urllib.request.getproxies()
+    # Through a proxy only the proxy can say whether a host is reachable: leave those URLs to
+    # the download itself.
+    urls = [
+        u
+        for u in urls
+        if urllib.parse.urlsplit(u).scheme not in proxies
+        or urllib.request.proxy_bypass(urllib.parse.urlsplit(u).hostname or "")
+    ]
 
     def probe(url: str) -> None:
         parts = urllib.parse.urlsplit(url)

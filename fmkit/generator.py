@@ -3,8 +3,9 @@
 
 Its folder form (`save_pretrained` / `from_pretrained`, as diffusers' models do):
 
-    config.json        {"format": "fmkit-generator", "format_version": 1, "model": ModelSpec,
-                        "components": {...}, "fmkit_version": ...}
+    config.json        {"format": "fmkit-generator", "format_version": 1, "model": ModelSpec
+                        (backbone, data, objective, path, their options and the plugins that
+                        provide them), "dtype": "float32" | "float16", "fmkit_version": ...}
     model.safetensors  the backbone's weights (the EMA weights of a run), fp32 or fp16
 """
 
@@ -125,11 +126,6 @@ class Generator:
         self.objective: Objective = build_objective(spec)
 
     # Building.
-
-    @classmethod
-    def build(cls, spec: ModelSpec, device: torch.device | str = "cpu") -> Generator:
-        """A generator with freshly initialised weights (training starts from it)."""
-        return cls(spec, build_backbone(spec), device)
 
     @classmethod
     def load(

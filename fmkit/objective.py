@@ -28,7 +28,8 @@ class Loss:
 
     Attributes:
         value: scalar to minimise (the mean over this micro-batch).
-        logs: extra scalars for metrics.jsonl (detached), e.g. {"loss_t_low": ...}.
+        logs: extra scalars for metrics.jsonl (detached), e.g. {"loss_t_low": ...}; the same
+            keys on every call (ranks average them together).
     """
 
     value: Tensor

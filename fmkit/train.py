@@ -176,6 +176,11 @@ class Run:
         self.local_batch = cfg.batch_size // info.world_size  # this rank's images per step
         self.micro_batch = self.local_batch // cfg.grad_accum  # images per forward/backward
         backbones = registry("backbones")  # options checked before any download
+        if cfg.condition != "none" and not backbones.accepts(cfg.backbone, "data"):
+            raise FmkitError(
+                f"backbone '{cfg.backbone}' takes no conditions (its factory has no `data` "
+                f"parameter); train it with --condition none"
+            )
         supplied = dict.fromkeys((*backbones.fixed, *backbones.optional))
         check_options(
             backbones.get(cfg.backbone).factory,
@@ -210,7 +215,6 @@ class Run:
                 source,
                 writer=info.local_rank == 0,
                 progress=self.progress and info.is_main,
-                wait=lambda: distributed.barrier(info),
                 condition=cfg.condition,
             )
         iterable = isinstance(dataset, IterableDataset)
@@ -415,9 +419,13 @@ class Run:
     # Periodic actions.
 
     def log(self, result: StepResult, bar) -> None:
-        self.bad.check(self.state.step, self.last_saved)
-        loss = distributed.mean(result.loss, self.info)  # collective: every rank
-        logs = {k: distributed.mean(torch.as_tensor(v), self.info) for k, v in result.logs.items()}
+        self.bad.check(self.state.step, self.last_saved, self.info)
+        # One collective for the loss and the objective's logs (whose keys, as Loss says, are
+        # the same on every rank and step).
+        keys = sorted(result.logs)
+        values = torch.stack([result.loss, *(torch.as_tensor(result.logs[k]) for k in keys)])
+        values = distributed.mean(values.float(), self.info)
+        loss, logs = values[0], dict(zip(keys, values[1:], strict=True))
         if not self.info.is_main:
             return
         start, images = self.window
@@ -441,7 +449,7 @@ class Run:
 
     def grid(self, name: str) -> None:
         """A sample grid from the EMA weights, always from the same noise."""
-        self.bad.check(self.state.step, self.last_saved)
+        self.bad.check(self.state.step, self.last_saved, self.info)
         if not self.info.is_main:
             return
         cfg = self.cfg
@@ -461,11 +469,10 @@ class Run:
 
     def save(self, name: str) -> Path:
         """A checkpoint (collective: every rank takes part)."""
-        self.bad.check(self.state.step, self.last_saved)  # never save diverged weights
+        self.bad.check(self.state.step, self.last_saved, self.info)  # never save diverged weights
         metadata = {
             "config": self.cfg.to_dict(),
-            "model": self.spec.to_dict(),
-            "components": self.spec.components,
+            "model": self.spec.to_dict(),  # with the plugins that provide each component
             "fmkit_version": fmkit_version,
         }
         path = self.out / f"checkpoint_{name}.safetensors"
@@ -490,9 +497,13 @@ class NonFinite:
         self.value.copy_(torch.where(new, bad, self.value))
         self.is_loss.copy_(torch.where(new, ~loss_ok, self.is_loss))
 
-    def check(self, step: int, last_saved: Path | None) -> None:
-        if (bad_step := int(self.first.item())) == 0:
+    def check(self, step: int, last_saved: Path | None, info: distributed.DistInfo) -> None:
+        """Raise on every rank alike once any rank saw a non-finite value (collective)."""
+        anywhere = distributed.maximum(self.first, info)
+        if (bad_step := int(anywhere.item())) == 0:
             return
+        if int(self.first.item()) != bad_step:  # another rank saw it: no local value to show
+            raise FmkitError(f"another rank's loss became non-finite at step {bad_step}; stopped")
         kept = (
             f"the last good checkpoint is {last_saved}"
             if last_saved

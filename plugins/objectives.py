@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fmkit import hookimpl
 from fmkit.batch import Batch, Cond
-from fmkit.flow import base_is_uniform, time_from_base
+from fmkit.flow import TIME_SAMPLING, base_is_uniform, time_from_base
 from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
 from fmkit.path import ProbabilityPath
 
@@ -70,7 +70,7 @@ class FlowMatchingObjective(Objective):
 def flow_matching(
     *,
     path: ProbabilityPath,
-    time_sampling: Literal["uniform", "logit_normal", "edm"] = "uniform",
+    time_sampling: Literal[TIME_SAMPLING] = "uniform",
     time_loc: float = 0.0,
     time_scale: float = 1.0,
     cond_dropout: float = 0.1,

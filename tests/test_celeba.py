@@ -192,6 +192,10 @@ def test_seed_loader_api(tmp_path, server):
     )
     batch = next(iter(loader))
     assert batch.shape == (4, 3, 8, 8)
+    images, attributes = next(
+        iter(load_celeba_data(4, str(tmp_path), 8, mirror_url=server.url, labels=True))
+    )
+    assert images.shape == (4, 3, 8, 8) and attributes.shape == (4, len(ATTRS))
 
 
 def test_md5_mismatch_through_celeba_names_the_files_to_place(tmp_path, server):
@@ -232,6 +236,8 @@ def test_first_run_without_network_fails_fast_in_one_line(tmp_path, monkeypatch,
     monkeypatch.setattr(celeba_plugin, "GDRIVE_URL", "https://drive.fmkit-test.invalid/{id}")
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.fmkit-test.invalid")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)  # a direct connection, as a laptop has
     monkeypatch.chdir(tmp_path)
     start = time.monotonic()
     result = run_cli("train", "--backbone", "unet", "--dataset", "celeba")
@@ -244,3 +250,14 @@ def test_first_run_without_network_fails_fast_in_one_line(tmp_path, monkeypatch,
     assert f"in {(tmp_path / 'data' / 'celeba').resolve()}/" in line
     assert len(line) - len(str(tmp_path)) < 300
     assert not (tmp_path / "results").exists()
+
+
+def test_hosts_reached_through_a_proxy_are_left_to_the_download(monkeypatch):
+    from fmkit.download import unreachable
+
+    url = "https://drive.fmkit-test.invalid/file"
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert unreachable([url]) == {url: "cannot resolve drive.fmkit-test.invalid"}
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # only the proxy knows the way
+    assert unreachable([url]) == {}

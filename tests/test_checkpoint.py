@@ -49,6 +49,17 @@ def test_find_latest_reads_headers_only(tmp_path):
     assert _bytes_read() - before < 2**20  # far less than one file's 16 MiB
 
 
+def test_a_truncated_checkpoint_is_never_called_a_pickle(tmp_path):
+    path = tmp_path / "c.safetensors"
+    for pad in range(256):  # a header whose first byte is 0x80, like a pickle's
+        checkpoint.save(path, {"w": torch.ones(64)}, {"step": 1, "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(checkpoint.FmkitError, match="corrupt or truncated"):
+        checkpoint.load(path)
+
+
 def test_a_truncated_newer_checkpoint_does_not_hide_a_good_one(tmp_path):
     checkpoint.save(tmp_path / "checkpoint_step_1.safetensors", {"w": torch.ones(64)}, {"step": 1})
     newer = tmp_path / "checkpoint_step_2.safetensors"

@@ -200,3 +200,27 @@ def test_prepare_imagenet_copies_jpeg_bytes_into_shuffled_shards(tmp_path, run_c
     data = build_dataset("imagenet", str(out), 8, condition="class")
     assert sorted(label for _, label in data) == sorted(classes)
     assert data.describe().condition.names == ("n01440764", "n01443537", "n01484850")
+
+
+def test_webdataset_workers_see_each_epochs_shuffle(tmp_path, monkeypatch):
+    shards = write_shards(tmp_path / "shards")
+    monkeypatch.delenv("RANK", raising=False)
+    data = build_dataset("imagenet", str(shards), 8, options={"num_classes": 20}, condition="class")
+    loader = make_loader(data, batch_size=1, num_workers=2, drop_last=False)
+    orders = []
+    for epoch in range(2):
+        data.set_epoch(epoch)
+        orders.append([int(label) for _, labels in loader for label in labels])
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(20))
+    assert orders[0] != orders[1]  # workers saw the new epoch's seed
+
+
+def test_old_dataset_options_outside_training(tmp_path, run_cli):
+    root = make_folder(tmp_path / "faces")
+    out = tmp_path / "prepared"
+    result = run_cli("prepare", "folder", "--data-dir", root, "--image-size", 8, "--out", out,
+                     "--dataset-opt", "flip=false")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = one_line_error(run_cli("prepare", "folder", "--data-dir", root, "--out", out,
+                                  "--dataset-opt", "labels=true"))  # fmt: skip
+    assert "labels is now --condition" in line

@@ -473,6 +473,7 @@ class Run:
         metadata = {
             "config": self.cfg.to_dict(),
             "model": self.spec.to_dict(),  # with the plugins that provide each component
+            "components": self.spec.components,  # where checkpoints before model specs kept it
             "fmkit_version": fmkit_version,
         }
         path = self.out / f"checkpoint_{name}.safetensors"

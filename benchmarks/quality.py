@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fmkit import checkpoint
+from fmkit import Condition, DataSpec, checkpoint
 from fmkit.config import TrainConfig
 from fmkit.generator import Generator
 from fmkit.metrics import feature_distance
@@ -122,14 +122,23 @@ def split(images, labels):
     return (images[:900], labels[:900]), (images[900:1400], labels[900:1400]), images[1400:]
 
 
-def write_training_set(images: torch.Tensor, out: Path) -> None:
+def write_training_set(images: torch.Tensor, out: Path, labels: torch.Tensor | None = None):
+    """A prepared array of the digits (as 3-channel images); with `labels`, also their
+    classes "0".."9", so `--condition class` can train on them."""
+
     class Gray:  # a map-style dataset of (3, 16, 16) images, as fmkit's datasets yield
         def __len__(self):
             return len(images)
 
         def __getitem__(self, i):
-            return images[i].expand(3, SIZE, SIZE)
+            image = images[i].expand(3, SIZE, SIZE)
+            return image if labels is None else (image, labels[i])
 
+        def describe(self):
+            names = tuple(str(d) for d in range(10)) if labels is not None else ()
+            return DataSpec(3, SIZE, Condition("class", names) if names else Condition())
+
+    Gray.labels = labels
     write_array(Gray(), out, {"dataset": "sklearn digits"}, progress=False)
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from fmkit import Condition, DataSpec, Generator
 from fmkit.config import TrainConfig
 from fmkit.metrics import feature_distance
+from fmkit.options import parse_options
 from fmkit.prepared import write_array
 from fmkit.solver import build_solver
 from fmkit.train import train
@@ -60,11 +61,14 @@ def load(name: str):
     return module
 
 
-def run_training(data: Path, out: Path, steps: int, condition: str, objective_opts: dict) -> Path:
+def run_training(
+    data: Path, out: Path, steps: int, condition: str, objective_opts: dict, backbone: dict
+) -> Path:
     quality = load("quality")
     cfg = TrainConfig(
         **{
             **quality.BASE,
+            "backbone_opts": {**quality.BASE["backbone_opts"], **backbone},
             "data_dir": str(data),
             "output": str(out),
             "max_steps": steps,
@@ -87,23 +91,27 @@ def train_all(jobs: list[tuple], parallel: int) -> list[Path]:
     return [_train_job(job) for job in jobs]
 
 
-def part_class(work: Path, steps: int, samples: int, parallel: int) -> None:
+def part_class(work: Path, steps: int, samples: int, parallel: int, backbone: dict) -> None:
     quality = load("quality")
     images, labels = quality.digits()
     (gen_x, gen_y), (cls_x, cls_y), _ = quality.split(images, labels)
     quality.write_training_set(gen_x, work / "digits", gen_y)
     cond_ckpt, free_ckpt = train_all(
         [
-            (work / "digits", work / "cond", steps, "class", {}),
-            (work / "digits", work / "free", steps, "none", {}),
+            (work / "digits", work / "cond", steps, "class", {}, backbone),
+            (work / "digits", work / "free", steps, "none", {}, backbone),
         ],
         parallel,
     )
     classifier = quality.train_classifier(cls_x, cls_y)
     reference = quality.features(classifier, gen_x)
+    floor_x, floor_y = images[1400:], labels[1400:]
+    with torch.no_grad():
+        ceiling = (classifier(floor_x).argmax(1) == floor_y).float().mean().item()
     solver = build_solver("euler", steps=20)
     wanted = [{"class": d % 10} for d in range(samples)]  # balanced over the ten digits
     print(f"\n## Class control: digits, {steps} steps, {samples} samples, Euler 20\n")
+    print(f"classifier accuracy on held-out real digits: {100 * ceiling:.1f}%\n")
     print("| model | guidance | interval | correct class | Fréchet distance | NFE |")
     print("| --- | --- | --- | --- | --- | --- |")
     free = Generator.load(free_ckpt).sample(samples, solver=solver, seed=1, batch_size=samples)
@@ -190,9 +198,11 @@ def write_attribute_set(out: Path, n: int = 2000) -> None:
     write_array(Shapes(), out, {"dataset": "synthetic shapes"}, progress=False)
 
 
-def part_attributes(work: Path, steps: int, samples: int, recipes: list[str], parallel: int):
+def part_attributes(
+    work: Path, steps: int, samples: int, recipes: list[str], parallel: int, backbone: dict
+):
     write_attribute_set(work / "shapes")
-    jobs = [(work / "shapes", work / r, steps, "attributes", RECIPES[r]) for r in recipes]
+    jobs = [(work / "shapes", work / r, steps, "attributes", RECIPES[r], backbone) for r in recipes]
     checkpoints = train_all(jobs, parallel)
     judge = attribute_classifier()
     solver = build_solver("euler", steps=20)
@@ -270,7 +280,11 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=250)
     parser.add_argument("--recipes", default="default", help=f"of {', '.join(RECIPES)}")
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument(
+        "--backbone-opt", action="append", default=[], help="UNet option KEY=VALUE (repeatable)"
+    )
     args = parser.parse_args(argv)
+    backbone = parse_options(args.backbone_opt, "--backbone-opt")
     print(
         f"# {platform.machine()}, one torch thread per training, UNet {load('quality').BASE['backbone_opts']}"
     )
@@ -278,11 +292,12 @@ def main(argv=None) -> None:
         work = Path(tmp)
         parts = args.part.split(",")
         if "class" in parts:
-            part_class(work, args.steps, args.samples, args.parallel)
+            part_class(work, args.steps, args.samples, args.parallel, backbone)
         if "attributes" in parts:
             part_attributes(
-                work, args.steps, args.samples // 2, args.recipes.split(","), args.parallel
-            )
+                work, args.steps, args.samples // 2, args.recipes.split(","), args.parallel,
+                backbone,
+            )  # fmt: skip
         if "cost" in parts:
             part_cost(work)
 

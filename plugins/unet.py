@@ -40,13 +40,21 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 class ResBlock(nn.Module):
     """DDPM residual block: GroupNorm, SiLU, conv, + time embedding, GroupNorm, SiLU, dropout,
-    conv; a 1x1 conv on the skip path when the width changes."""
+    conv; a 1x1 conv on the skip path when the width changes.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float) -> None:
+    With `scale_shift` the embedding instead scales and shifts the second normalised
+    activations, h = norm(h) * (1 + scale) + shift (ADM's "scale-shift norm", Dhariwal &
+    Nichol 2021), which conditions every channel more strongly than an added bias.
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, scale_shift: bool = False
+    ) -> None:
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = _norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = _norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -57,8 +65,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
-        h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb(F.silu(emb))[:, :, None, None]  # (B, out or 2 out, 1, 1)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -187,6 +200,8 @@ class UNet(nn.Module):
         image_size: training image size; places the attention layers.
         condition: conditions the model takes (a class or binary attributes), embedded and
             added to the time embedding; None (or kind "none") for an unconditional model.
+        scale_shift: residual blocks scale and shift their normalised activations by the
+            embedding (ADM) instead of adding it (DDPM).
     """
 
     def __init__(
@@ -201,6 +216,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         image_size: int = 64,
         condition: Condition | None = None,
+        scale_shift: bool = False,
     ) -> None:
         super().__init__()
         if not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1 or base_channels < 1:
@@ -217,7 +233,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def stage(in_ch: int, out_ch: int, size: int) -> nn.ModuleList:
-            layers = [ResBlock(in_ch, out_ch, emb, dropout)]
+            layers = [ResBlock(in_ch, out_ch, emb, dropout, scale_shift)]
             if size in attn_resolutions:
                 layers.append(AttnBlock(out_ch, num_heads))
             return nn.ModuleList(layers)
@@ -236,9 +252,9 @@ class UNet(nn.Module):
                 widths.append(ch)
         self.mid = nn.ModuleList(
             [
-                ResBlock(ch, ch, emb, dropout),
+                ResBlock(ch, ch, emb, dropout, scale_shift),
                 AttnBlock(ch, num_heads),
-                ResBlock(ch, ch, emb, dropout),
+                ResBlock(ch, ch, emb, dropout, scale_shift),
             ]
         )
         self.up = nn.ModuleList()
@@ -304,6 +320,7 @@ def unet(
     dropout: float = 0.1,
     num_heads: int = 1,
     time_emb_dim: int = 128,
+    scale_shift: bool = False,
     data: DataSpec | None = None,
 ) -> UNet:
     """DDPM/ADM UNet (Ho et al. 2020); options base_channels, channel_mult, num_res_blocks, ..."""
@@ -318,6 +335,7 @@ def unet(
         num_heads=num_heads,
         image_size=image_size,
         condition=data.condition if data is not None else None,
+        scale_shift=scale_shift,
     )
 
 

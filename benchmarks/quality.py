@@ -6,7 +6,7 @@ beside every score.
 
     python benchmarks/quality.py --minutes 30 --recipes default
     python benchmarks/quality.py --minutes 4 --recipes default,lr1e-4,lr1e-3,logit_normal,edm,wide
-    python benchmarks/quality.py --minutes 10 --solvers euler:10,euler:10:grid_power=2,euler:20,euler:20:grid_power=2
+    python benchmarks/quality.py --minutes 10 --solvers euler:10,euler:10:schedule=shift:shift=3,ab2:10
 
 Each recipe trains in its own process with one torch thread; --parallel N runs N at a time.
 A --minutes budget is CPU time: 20 calibration steps measure CPU seconds per step
@@ -47,6 +47,7 @@ BASE = dict(
     sample_steps=20,
     log_every=50,
     device="cpu",
+    hflip=False,  # digits are not mirror-symmetric, and the reference set is not flipped
 )
 RECIPES = {
     "default": {},
@@ -180,7 +181,7 @@ def run_recipe(
     noise = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
     def score(path, ema, solver):
-        # "euler:20" or "euler:20:grid_power=2": method, step count, solver options.
+        # "euler:20" or "euler:20:schedule=shift:shift=3": method, step count, solver options.
         solution = Generator.load(path, ema=ema).generate(noise, solver_from_spec(solver))
         return feature_distance(features(classifier, solution.x), reference), solution.nfe
 
@@ -210,7 +211,11 @@ def run_recipe(
 
 
 def _worker(args):
-    *job, epochs = args
+    *job, epochs, keep = args
+    if keep is not None:  # keep the run (its checkpoints and data) for later comparisons
+        work = keep / job[0]
+        work.mkdir(parents=True, exist_ok=True)
+        return run_recipe(*job, work, classifier_epochs=epochs)
     with tempfile.TemporaryDirectory() as tmp:
         return run_recipe(*job, Path(tmp), classifier_epochs=epochs)
 
@@ -246,15 +251,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--solvers",
         default="euler:10,euler:20,euler:50,dopri5",
-        help="comma-separated METHOD[:STEPS[:KEY=VALUE...]], e.g. euler:20:grid_power=2",
+        help="comma-separated METHOD[:STEPS[:KEY=VALUE...]], e.g. euler:20:schedule=shift:shift=3",
     )
     parser.add_argument("--parallel", type=int, default=1)
     parser.add_argument("--classifier-epochs", type=int, default=40)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", type=Path, help="keep each recipe's run under KEEP/RECIPE")
     args = parser.parse_args(argv)
     solvers = args.solvers.split(",")
     jobs = [
-        (r, args.minutes, args.max_steps, args.samples, solvers, args.classifier_epochs)
+        (r, args.minutes, args.max_steps, args.samples, solvers, args.classifier_epochs, args.keep)
         for r in args.recipes.split(",")
     ]
     if args.parallel > 1:

@@ -1,5 +1,6 @@
-"""Built-in ODE solvers, all from torchdiffeq (Chen et al. 2018, "Neural Ordinary Differential
-Equations"; https://github.com/rtqichen/torchdiffeq)."""
+"""Built-in ODE solvers: torchdiffeq's fixed-grid and adaptive methods (Chen et al. 2018, "Neural
+Ordinary Differential Equations"; https://github.com/rtqichen/torchdiffeq), a two-step
+Adams-Bashforth method, and the time-step schedules every fixed-grid solver takes."""
 
 from __future__ import annotations
 
@@ -10,26 +11,90 @@ from torchdiffeq import odeint
 from fmkit import Solver, Velocity, hookimpl
 
 
-class FixedStepSolver(Solver):
-    """A torchdiffeq fixed-grid method on `steps` steps.
+# A schedule maps the fraction u = i / steps of the steps taken to the fraction s of the
+# interval covered, both in [0, 1], s(0) = 0 and s(1) = 1, walking from noise (s = 0) to
+# data (s = 1); grids are built on the ascending interval and reversed when time runs
+# backwards (the likelihood integrates 1 -> 0), so each schedule is dense at the same end of
+# the data in both directions.
+SCHEDULES = ("uniform", "power", "shift", "edm")
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0  # Karras et al. 2022, Table 1
+
+
+def schedule_fraction(
+    name: str, u: Tensor, power: float = 2.0, shift: float = 3.0, rho: float = 7.0
+) -> Tensor:
+    """s(u) for the schedule `name` (see SCHEDULES), u: (N,) float64 in [0, 1].
+
+    - uniform: s = u.
+    - power: s = 1 - (1 - u) ** power; power > 1 shortens the steps near the data end.
+    - shift: the timestep shift of Esser et al. 2024 ("Scaling Rectified Flow Transformers",
+      SD3), applied to the noise level sigma = 1 - s of a uniform grid:
+      sigma' = shift * sigma / (1 + (shift - 1) * sigma); shift > 1 spends more steps at high
+      noise, shift < 1 near the data.
+    - edm: the rho-schedule of Karras et al. 2022 ("Elucidating the Design Space of
+      Diffusion-Based Generative Models", eq. 5) on the linear path's noise-to-signal ratio
+      sigma = (1 - t) / t, from sigma_max = 80 to sigma_min = 0.002, mapped to t = 1 / (1 + sigma)
+      and stretched affinely so the grid starts at pure noise and ends at the data.
+    """
+    if name == "uniform":
+        return u
+    if name == "power":
+        if power <= 0:
+            raise ValueError(f"power must be positive, got {power}")
+        return 1 - (1 - u) ** power
+    if name == "shift":
+        if shift <= 0:
+            raise ValueError(f"shift must be positive, got {shift}")
+        sigma = 1 - u
+        return 1 - shift * sigma / (1 + (shift - 1) * sigma)
+    if name == "edm":
+        if rho <= 0:
+            raise ValueError(f"rho must be positive, got {rho}")
+        hi, lo = EDM_SIGMA_MAX ** (1 / rho), EDM_SIGMA_MIN ** (1 / rho)
+        t = 1 / (1 + (hi + u * (lo - hi)) ** rho)
+        return (t - t[0]) / (t[-1] - t[0])
+    raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+
+
+class GridSolver(Solver):
+    """A solver on a fixed grid of `steps` steps laid out by a schedule.
 
     Args:
-        method: torchdiffeq method name ("euler", "midpoint", "heun2", "rk4", ...).
         steps: number of steps from t0 to t1.
-        grid_power: p in t_i = t0 + (t1 - t0) * (1 - (1 - i / steps) ** p); 1 is a uniform
-            grid, p > 1 puts shorter steps near the data end (t = 1), where images gain detail.
+        schedule: one of SCHEDULES (see `schedule_fraction`), with its parameter `power`,
+            `shift` or `rho`.
     """
 
     adaptive = False
 
-    def __init__(self, method: str, steps: int, grid_power: float = 1.0) -> None:
+    def __init__(
+        self,
+        steps: int,
+        schedule: str = "uniform",
+        power: float = 2.0,
+        shift: float = 3.0,
+        rho: float = 7.0,
+    ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        if grid_power <= 0:
-            raise ValueError(f"grid_power must be positive, got {grid_power}")
-        self.method = method
         self.steps = steps
-        self.grid_power = grid_power
+        self.schedule = dict(name=schedule, power=power, shift=shift, rho=rho)
+        self.grid(0.0, 1.0)  # a bad schedule or parameter fails here, not mid-sampling
+
+    def grid(self, t0: float, t1: float) -> Tensor:
+        """The steps' end points, (steps + 1,) from t0 to t1 (float64)."""
+        lo, hi = min(t0, t1), max(t0, t1)
+        u = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
+        grid = lo + (hi - lo) * schedule_fraction(u=u, **self.schedule)
+        return grid if t0 <= t1 else grid.flip(0)
+
+
+class FixedStepSolver(GridSolver):
+    """A torchdiffeq fixed-grid method (`method`: "euler", "midpoint", "heun2", "rk4", ...)."""
+
+    def __init__(self, method: str, steps: int, **schedule) -> None:
+        super().__init__(steps, **schedule)
+        self.method = method
 
     def solve(self, velocity: Velocity, x0: Tensor, times: Tensor) -> Tensor:
         grid = self.grid(float(times[0]), float(times[-1])).to(times.device, times.dtype)
@@ -38,17 +103,45 @@ class FixedStepSolver(Solver):
         options = {"grid_constructor": lambda func, y0, t: grid}
         return odeint(velocity, x0, times, method=self.method, options=options)
 
-    def grid(self, t0: float, t1: float) -> Tensor:
-        """The steps' end points, (steps + 1,) from t0 to t1 (float64).
 
-        The grid is built on the ascending interval and reversed when time runs backwards
-        (the likelihood integrates 1 -> 0), so grid_power > 1 is dense near the data end in
-        both directions.
-        """
-        lo, hi = min(t0, t1), max(t0, t1)
-        u = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
-        grid = lo + (hi - lo) * (1 - (1 - u) ** self.grid_power)
-        return grid if t0 <= t1 else grid.flip(0)
+class AdamsBashforth2(GridSolver):
+    """The two-step Adams-Bashforth method for variable steps: second order at one evaluation
+    per step, reusing the previous step's velocity (Hairer, Norsett & Wanner, "Solving Ordinary
+    Differential Equations I", III.5). The first step is an Euler step.
+
+    With h = t[n+1] - t[n] and r = h / (t[n] - t[n-1]):
+        x[n+1] = x[n] + h * ((1 + r / 2) * v[n] - (r / 2) * v[n-1])
+    States at requested times between grid points are interpolated linearly, as torchdiffeq's
+    fixed-grid methods do.
+    """
+
+    def solve(self, velocity: Velocity, x0: Tensor, times: Tensor) -> Tensor:
+        grid = self.grid(float(times[0]), float(times[-1])).to(times.device, times.dtype)
+        states, previous = [x0], None
+        for n in range(self.steps):
+            t, h = grid[n], grid[n + 1] - grid[n]
+            v = velocity(t, states[-1])
+            if previous is None:
+                step = v
+            else:
+                r = h / (t - grid[n - 1])
+                step = (1 + r / 2) * v - (r / 2) * previous
+            states.append(states[-1] + h * step)
+            previous = v
+        return _at(times, grid, torch.stack(states))
+
+
+def _at(times: Tensor, grid: Tensor, states: Tensor) -> Tensor:
+    """(K, ...) states at `times`, linearly interpolated from (N + 1, ...) states on `grid`
+    (monotone, same direction as `times`)."""
+    sign = 1.0 if grid[-1] >= grid[0] else -1.0
+    ascending = grid * sign
+    out = []
+    for t in times * sign:
+        j = int(torch.searchsorted(ascending, t.reshape(1), right=True).clamp(1, len(grid) - 1))
+        w = ((t - ascending[j - 1]) / (ascending[j] - ascending[j - 1])).clamp(0, 1)
+        out.append(states[j - 1] + w.to(states.dtype) * (states[j] - states[j - 1]))
+    return torch.stack(out)
 
 
 class AdaptiveSolver(Solver):
@@ -85,9 +178,19 @@ class AdaptiveSolver(Solver):
         )
 
 
-def _fixed(method: str, doc: str):
-    def factory(*, steps: int = 100, grid_power: float = 1.0) -> FixedStepSolver:
-        return FixedStepSolver(method, steps, grid_power)
+def _fixed(method: str, doc: str, cls=None):
+    def factory(
+        *,
+        steps: int = 100,
+        schedule: str = "uniform",
+        power: float = 2.0,
+        shift: float = 3.0,
+        rho: float = 7.0,
+    ) -> GridSolver:
+        schedule_options = dict(schedule=schedule, power=power, shift=shift, rho=rho)
+        if cls is not None:
+            return cls(steps, **schedule_options)
+        return FixedStepSolver(method, steps, **schedule_options)
 
     factory.__doc__ = doc
     factory.__name__ = factory.__qualname__ = method
@@ -104,17 +207,17 @@ def _adaptive(method: str, doc: str):
     return factory
 
 
+GRID = "options steps, schedule (uniform, power, shift, edm), power, shift, rho"
 SOLVERS = {
-    "euler": _fixed("euler", "Euler, first order, 1 NFE per step; options steps, grid_power."),
-    "midpoint": _fixed(
-        "midpoint", "Explicit midpoint, second order, 2 NFE per step; options steps, grid_power."
+    "euler": _fixed("euler", f"Euler, first order, 1 NFE per step; {GRID}."),
+    "ab2": _fixed(
+        "ab2",
+        f"Adams-Bashforth 2 multistep, second order, 1 NFE per step; {GRID}.",
+        AdamsBashforth2,
     ),
-    "heun": _fixed(
-        "heun2", "Heun's method, second order, 2 NFE per step; options steps, grid_power."
-    ),
-    "rk4": _fixed(
-        "rk4", "Runge-Kutta 4 (3/8 rule), fourth order, 4 NFE per step; options steps, grid_power."
-    ),
+    "midpoint": _fixed("midpoint", f"Explicit midpoint, second order, 2 NFE per step; {GRID}."),
+    "heun": _fixed("heun2", f"Heun's method, second order, 2 NFE per step; {GRID}."),
+    "rk4": _fixed("rk4", f"Runge-Kutta 4 (3/8 rule), fourth order, 4 NFE per step; {GRID}."),
     "dopri5": _adaptive("dopri5", "Dormand-Prince 5(4), adaptive; options rtol, atol."),
     "dopri8": _adaptive("dopri8", "Dormand-Prince 8(5,3), adaptive; options rtol, atol."),
     "bosh3": _adaptive("bosh3", "Bogacki-Shampine 3(2), adaptive; options rtol, atol."),

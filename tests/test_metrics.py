@@ -63,7 +63,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
             "--samples",
             "16",
             "--solvers",
-            "euler:2,euler:2:grid_power=2,dopri5",
+            "euler:2,euler:2:schedule=power:power=2,dopri5",
             "--classifier-epochs",
             "1",
             "--json",
@@ -77,7 +77,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
     (result,) = json.loads(out.read_text())
     assert result["steps"] == 2 and result["final"]["euler:2"]["nfe"] == 2
     # the grid option reaches the solver: same NFE, different samples, different score
-    graded = result["final"]["euler:2:grid_power=2"]
+    graded = result["final"]["euler:2:schedule=power:power=2"]
     assert graded["nfe"] == 2 and graded["fd"] != result["final"]["euler:2"]["fd"]
     assert [c["step"] for c in result["checkpoints"]] == [1, 2]
     assert result["floor"] > 0

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from fmkit import build_solver, integrate, registry
+from fmkit.errors import FmkitError
 
 SOLVERS = registry("solvers").names()
-FIXED_NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+FIXED_NFE_PER_STEP = {"euler": 1, "ab2": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+SCHEDULES = ["uniform", "power", "shift", "edm"]
 
 
 def decay(t, x):  # dx/dt = -x  ->  x(t) = x0 exp(-t)
@@ -57,15 +59,61 @@ def test_every_fixed_step_solver_is_known_here():
     assert sorted(fixed) == sorted(FIXED_NFE_PER_STEP)
 
 
-def test_order_of_accuracy_shows_in_the_error():
+def growing_decay(t, x):  # dx/dt = -(1 + t) x  ->  x(1) = x0 exp(-1.5)
+    return -(1 + t) * x
+
+
+ORDER = {"euler": 1, "ab2": 2, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("name", sorted(ORDER))
+def test_order_of_accuracy_on_every_schedule(name, schedule):
+    # Halving the steps divides the global error by about 2 ** order, whatever the schedule.
     x0 = torch.ones(1, 1, 1, 1, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    errors = {
-        n: (integrate(build_solver(n, steps=10), decay, x0, t).x - math.exp(-1)).abs().item()
-        for n in FIXED_NFE_PER_STEP
-    }
-    assert errors["rk4"] < errors["midpoint"] < errors["euler"]
-    assert errors["heun"] < errors["euler"] / 10
+    options = {"schedule": schedule}
+    errors = [
+        (integrate(build_solver(name, steps=n, options=options), growing_decay, x0, t).x)
+        .sub(math.exp(-1.5))
+        .abs()
+        .item()
+        for n in (200, 400)
+    ]
+    assert math.log2(errors[0] / errors[1]) == pytest.approx(ORDER[name], abs=0.25)
+
+
+def test_schedules_lay_out_the_published_grids():
+    def grid(**options):
+        return build_solver("euler", steps=4, options=options).grid(0.0, 1.0).tolist()
+
+    assert grid() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert grid(schedule="power", power=2.0) == pytest.approx([0, 0.4375, 0.75, 0.9375, 1])
+    # SD3's shift on the noise level sigma = 1 - t: sigma' = 3 sigma / (1 + 2 sigma).
+    assert grid(schedule="shift", shift=3.0) == pytest.approx([0, 0.1, 0.25, 0.5, 1])
+    # EDM's rho-schedule on sigma = (1 - t) / t, stretched to end at 0 and 1.
+    edm = grid(schedule="edm", rho=7.0)
+    sigma = [(80 ** (1 / 7) + u * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for u in (0, 0.5, 1)]
+    t = [1 / (1 + s) for s in sigma]
+    assert edm[2] == pytest.approx((t[1] - t[0]) / (t[2] - t[0]))
+    assert edm[0] == 0 and edm[-1] == 1 and edm == sorted(edm)
+
+
+def test_ab2_spends_one_evaluation_per_step_and_reuses_the_last():
+    seen = []
+
+    def record(t, x):
+        seen.append(float(t))
+        return -x
+
+    x0 = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    sol = integrate(build_solver("ab2", steps=3), record, x0, torch.tensor([0.0, 1.0]))
+    assert seen == pytest.approx([0, 1 / 3, 2 / 3])
+    # By hand: an Euler step, then two uniform Adams-Bashforth 2 steps.
+    h, x1 = 1 / 3, 1 - 1 / 3
+    x2 = x1 + h * (1.5 * -x1 - 0.5 * -1.0)
+    x3 = x2 + h * (1.5 * -x2 - 0.5 * -x1)
+    assert sol.x.item() == pytest.approx(x3)
 
 
 def test_adaptive_tolerance_trades_nfe_for_accuracy():
@@ -88,7 +136,7 @@ def test_adaptive_solvers_ignore_steps():
     assert solver.adaptive and not hasattr(solver, "steps")
 
 
-def test_grid_power_moves_steps_to_the_data_end_without_changing_nfe():
+def test_power_schedule_moves_steps_to_the_data_end_without_changing_nfe():
     seen = []
 
     def record(t, x):
@@ -97,11 +145,11 @@ def test_grid_power_moves_steps_to_the_data_end_without_changing_nfe():
 
     x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    sol = integrate(build_solver("euler", steps=4, options={"grid_power": 2.0}), record, x0, t)
+    sol = integrate(build_solver("euler", steps=4, options={"schedule": "power", "power": 2.0}), record, x0, t)
     assert sol.nfe == 4
     assert seen == pytest.approx([0.0, 1 - 0.75**2, 1 - 0.5**2, 1 - 0.25**2])
     # Still converges to the closed form.
-    fine = integrate(build_solver("rk4", steps=50, options={"grid_power": 3.0}), decay, x0 + 1, t)
+    fine = integrate(build_solver("rk4", steps=50, options={"schedule": "power", "power": 3.0}), decay, x0 + 1, t)
     assert abs(fine.x.item() - math.exp(-1)) < 1e-6
 
 
@@ -126,7 +174,7 @@ def test_solvers_never_evaluate_outside_the_requested_times(name, field, times):
     assert seen and min(seen) >= lo and max(seen) <= hi, (min(seen), max(seen))
 
 
-def test_grid_power_is_dense_near_the_data_end_when_time_runs_backwards():
+def test_schedules_are_dense_at_the_same_end_when_time_runs_backwards():
     seen = []
 
     def record(t, x):
@@ -135,6 +183,11 @@ def test_grid_power_is_dense_near_the_data_end_when_time_runs_backwards():
 
     x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     t = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    integrate(build_solver("euler", steps=4, options={"grid_power": 2.0}), record, x0, t)
+    integrate(build_solver("euler", steps=4, options={"schedule": "power", "power": 2.0}), record, x0, t)
     # The forward grid 0, 0.4375, 0.75, 0.9375, 1 walked from 1 down to 0.
     assert seen == pytest.approx([1.0, 1 - 0.25**2, 1 - 0.5**2, 1 - 0.75**2])
+
+
+def test_an_unknown_schedule_is_a_clear_error():
+    with pytest.raises(FmkitError, match="unknown schedule 'cosine'; choose from uniform"):
+        build_solver("euler", steps=4, options={"schedule": "cosine"})

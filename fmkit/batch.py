@@ -101,25 +101,35 @@ class Batch:
     Attributes:
         images: (B, C, H, W) float in [-1, 1].
         cond: None, or the condition dict described in this module's docstring.
+        noise: None, or (B, C, H, W) the noise each image is paired with (reflow's pairs);
+            objectives that draw their own noise ignore it.
     """
 
     images: Tensor
     cond: Cond | None = None
+    noise: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def map(self, images, values) -> Batch:
+        """A Batch with `images(t)` applied to the image-shaped tensors (images, noise) and
+        `values(t)` to the conditions."""
+        noise = None if self.noise is None else images(self.noise)
+        return Batch(images(self.images), _map(self.cond, values), noise)
+
     def to(self, device: torch.device, memory_format=torch.contiguous_format) -> Batch:
-        images = self.images.to(device, non_blocking=True)
-        images = images.contiguous(memory_format=memory_format)
-        return Batch(images, _map(self.cond, lambda v: v.to(device, non_blocking=True)))
+        def move(v: Tensor) -> Tensor:
+            return v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+
+        return self.map(move, lambda v: v.to(device, non_blocking=True))
 
     def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
-        return Batch(self.images.pin_memory(), _map(self.cond, lambda v: v.pin_memory()))
+        return self.map(Tensor.pin_memory, Tensor.pin_memory)
 
     def rows(self, start: int, stop: int) -> Batch:
         """Items start..stop-1."""
-        return Batch(self.images[start:stop], _map(self.cond, lambda v: v[start:stop]))
+        return self.map(lambda v: v[start:stop], lambda v: v[start:stop])
 
 
 def _map(cond: Cond | None, fn) -> Cond | None:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from fmkit import config
+from fmkit import checkpoint, config
 from fmkit.config import TrainConfig
 from fmkit.data import build_dataset, source_of
 from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.evaluate import WEIGHTS_ENV, evaluate_solver, result_line, setup, training_data
-from fmkit.generator import Generator
+from fmkit.generator import Generator, is_model_folder
 from fmkit.options import check_options, describe_options, parse_options, parse_value
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import write_array
@@ -152,7 +152,7 @@ def _config_flag(f) -> typing.Callable:
         kind = click.FloatRange(low, meta.get("max"), min_open=meta.get("min_open", False))
     return click.option(
         flag, name, default=default, show_default=default is not None, type=kind,
-        help=meta["help"],
+        help=meta["help"], metavar=meta.get("metavar"),
     )  # fmt: skip
 
 
@@ -290,6 +290,66 @@ def sample_command(
         f"{sum(report.nfe) / len(report.nfe):.1f}); {report.seconds:.2f} s, "
         f"{report.images / report.seconds:.1f} images/s"
     )
+
+
+@cli.command("reflow")
+@click.option(
+    "--teacher",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The model whose ODE makes the pairs: " + _CHECKPOINT_HELP,
+)
+@click.option("--num-pairs", required=True, type=click.IntRange(1), help="Noise-image pairs.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pair folder."
+)
+@click.option(
+    "--solver", default="dopri5", show_default=True, help="Registered solver (fmkit list solvers)."
+)
+@click.option(
+    "--steps",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Steps of a fixed-step solver.",
+)
+@_opt_flag("solver")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds every pair's noise.")
+@click.option(
+    "--guidance",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Classifier-free guidance weight of a class-conditional teacher.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+def reflow_command(
+    teacher, num_pairs, out, solver, steps, solver_opts, batch_size, seed, guidance, device
+) -> None:
+    """Write a teacher's noise-image pairs for `fmkit train --objective reflow` (rectified flow,
+    Liu et al. 2023); an interrupted run resumes when called again with the same settings.
+
+    Example: fmkit reflow --teacher results --num-pairs 100000 --out pairs, then
+    fmkit train --objective reflow --dataset prepared --data-dir pairs --init-from results
+    """
+    from fmkit.reflow import write_pairs
+
+    if not teacher.exists():
+        raise FmkitError(f"--teacher {teacher} does not exist")
+    options = parse_options(solver_opts, "--solver-opt")
+    built = build_solver(solver, steps=steps, options=options)
+    model = Generator.load(teacher, device=resolve_device(device))
+    # The checkpoint a run directory means now: a resumed pair folder must use the same one.
+    source = teacher if is_model_folder(teacher) else checkpoint.resolve(teacher)
+    spec = f"{solver}" if built.adaptive else f"{solver}:{steps}"
+    spec += "".join(f":{k}={v}" for k, v in sorted(options.items()))
+    settings = {"teacher": str(source.resolve()), "solver": spec}
+    write_pairs(model, out, num_pairs, built, settings, batch_size, seed, guidance)
+    click.echo(f"{num_pairs} pairs in {out}/ ({spec}); train on them with --objective reflow "
+               f"--dataset prepared --data-dir {out} --init-from {teacher}")  # fmt: skip
 
 
 def parse_conditions(pairs, flag: str) -> dict:

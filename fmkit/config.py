@@ -54,6 +54,12 @@ class TrainConfig:
     dataset_opts: dict = option({}, "Option for the dataset (see `fmkit show datasets NAME`).")
     path: str = option("linear", "Registered probability path (fmkit list paths).")
     path_opts: dict = option({}, "Option for the path (see `fmkit show paths NAME`).")
+    init_from: str | None = option(
+        None,
+        "Start from the EMA weights of this run directory, checkpoint or model folder (e.g. a "
+        "reflow teacher); its backbone, path, resolution and condition become the defaults.",
+        metavar="RUN",
+    )
     objective: str = option("flow_matching", "Registered training objective.")
     objective_opts: dict = option(
         {}, "Option for the objective (see `fmkit show objectives NAME`)."
@@ -224,9 +230,32 @@ def resolve(flags: dict[str, Any], given: set[str], toml: Path | None = None) ->
         elif name in given:
             values[name] = value
     values = normalise(values)  # before defaults: `--dataset-opt flip=false` beats hflip's
+    if values.get("init_from"):
+        _model_defaults(values, values["init_from"])
     for name, value in flags.items():
         values.setdefault(name, value)
     return TrainConfig.from_dict(values)
+
+
+def _model_defaults(values: dict, source: str) -> None:
+    """Fill what `--init-from`'s model fixes (backbone, path, resolution, channels, condition)
+    where neither a flag nor the TOML file set it; its options go under those given."""
+    from fmkit.generator import read_spec
+
+    spec = read_spec(source)
+    model = {
+        "backbone": spec.backbone,
+        "path": spec.path,
+        "image_size": spec.data.image_size,
+        "channels": spec.data.channels,
+        "condition": spec.data.condition.kind,
+    }
+    for name, value in model.items():
+        values.setdefault(name, value)
+    if values["backbone"] == spec.backbone:
+        values["backbone_opts"] = {**spec.backbone_opts, **values.get("backbone_opts", {})}
+    if values["path"] == spec.path:
+        values["path_opts"] = {**spec.path_opts, **values.get("path_opts", {})}
 
 
 def default_of(f) -> Any:

@@ -92,6 +92,23 @@ class ModelSpec:
         )
 
 
+def read_spec(source: str | Path) -> ModelSpec:
+    """The ModelSpec of a model folder, checkpoint or run directory, without its weights."""
+    source = Path(source)
+    if is_model_folder(source):
+        try:
+            return ModelSpec.from_dict(json.loads((source / CONFIG).read_text())["model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FmkitError(
+                f"{source} is not an fmkit model folder ({CONFIG} unreadable)"
+            ) from None
+    if not source.exists():
+        raise FmkitError(
+            f"{source} does not exist (expected a run directory, checkpoint or model folder)"
+        )
+    return ModelSpec.from_checkpoint_meta(checkpoint.read_metadata(checkpoint.resolve(source)))
+
+
 @dataclass
 class Samples:
     """Generated images.

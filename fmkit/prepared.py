@@ -4,6 +4,8 @@ array, which loads far faster than decoding image files every epoch.
 Layout of a prepared directory:
     images.npy   (N, H, W, 3) uint8, opened with numpy's mmap_mode="r"
     labels.npy   (N,) or (N, K) int64, when the source dataset yielded labels
+    noise_seeds.npy  (N,) int64, in reflow's pair folders: image i was generated from the noise
+                 `fmkit.reflow.pair_noise` makes of seed i
     meta.json    {"count", "image_size", "source": {...}, "condition": {...}} describing how
                  it was made and what its labels are
 """
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fmkit.batch import Condition, DataSpec, collate, describe
+from fmkit.batch import Batch, Condition, DataSpec, collate, cond_from_labels, describe
 from fmkit.errors import FmkitError
 from fmkit.pixels import to_float, to_pixels
 
@@ -128,7 +130,8 @@ def _pixels(dataset, index: int) -> np.ndarray:
 
 class PreparedArray(torch.utils.data.Dataset):
     """Reads a prepared directory. Items are (3, S, S) float tensors in [-1, 1], or (image,
-    label) with a condition; `__getitems__` serves a whole batch with one array read.
+    label) with a condition; `__getitems__` serves a whole Batch with one array read, with
+    each image's paired noise when the directory holds reflow pairs.
 
     Args:
         root: the prepared directory.
@@ -176,6 +179,8 @@ class PreparedArray(torch.utils.data.Dataset):
                 )
             self.labels = torch.from_numpy(np.load(root / "labels.npy"))
             self.condition = stored
+        seeds = root / "noise_seeds.npy"
+        self.noise_seeds = torch.from_numpy(np.load(seeds)) if seeds.is_file() else None
 
     def describe(self) -> DataSpec:
         return DataSpec(int(self.images.shape[-1]), self.image_size, self.condition)
@@ -183,14 +188,26 @@ class PreparedArray(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int):
-        return self.__getitems__([index])[0]
+    def pixels(self, index: int) -> np.ndarray:
+        """Image `index` as stored, (S, S, 3) uint8."""
+        return np.asarray(self.images[index])
 
-    def __getitems__(self, indices: list[int]) -> list:
+    def __getitem__(self, index: int):
+        batch = self.__getitems__([index])
+        image = batch.images[0]
+        return image if self.labels is None else (image, self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> Batch:
         order = np.argsort(indices)  # sorted reads are sequential on disk
         pixels = np.empty((len(indices), *self.images.shape[1:]), dtype=np.uint8)
         pixels[order] = self.images[np.asarray(indices)[order]]
-        batch: Tensor = to_float(pixels)  # (B, 3, S, S)
-        if self.labels is None:
-            return list(batch)
-        return list(zip(batch, self.labels[indices], strict=True))
+        images: Tensor = to_float(pixels)  # (B, 3, S, S)
+        cond = (
+            None if self.labels is None else cond_from_labels(self.labels[indices], self.condition)
+        )
+        noise = None
+        if self.noise_seeds is not None:
+            from fmkit.reflow import pair_noise
+
+            noise = pair_noise(self.noise_seeds[indices], images.shape[1:])
+        return Batch(images, cond, noise)

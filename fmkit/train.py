@@ -262,7 +262,10 @@ class Run:
                 "objective": component_info("objectives", cfg.objective),
             },
         )
-        model = build_backbone(self.spec).to(device, memory_format=self.memory_format)
+        model = build_backbone(self.spec)
+        if cfg.init_from:
+            self.init_weights(model)
+        model = model.to(device, memory_format=self.memory_format)
         # Fused AdamW (one kernel for all parameters) by default on CUDA; torch >= 2.4 also
         # has it on the CPU, where --fused-adamw lets a test run what a GPU run runs.
         fused = cfg.fused_adamw if cfg.fused_adamw is not None else cuda
@@ -280,6 +283,24 @@ class Run:
         if cfg.compile:
             trained = torch.compile(trained)
         self.model = as_model(trained)
+
+    def init_weights(self, model: nn.Module) -> None:
+        """Load --init-from's EMA weights (a resumed run then replaces them with its own)."""
+        teacher = Generator.load(self.cfg.init_from)
+        mismatch = [
+            name
+            for name in ("backbone", "backbone_opts")
+            if _plain(getattr(teacher.spec, name)) != _plain(getattr(self.spec, name))
+        ]
+        if teacher.spec.data != self.spec.data:
+            mismatch.append("data (resolution, channels or conditions)")
+        if mismatch:
+            raise FmkitError(
+                f"--init-from {self.cfg.init_from}: its model differs from this run's in "
+                f"{', '.join(mismatch)}; it was {teacher.spec.backbone} {teacher.spec.backbone_opts} "
+                f"for {teacher.spec.data.to_dict()}"
+            )
+        model.load_state_dict(teacher.module.state_dict())
 
     def resume(self) -> None:
         latest = checkpoint.find_latest(self.out)
@@ -517,10 +538,16 @@ class NonFinite:
 
 
 def hflip(batch: Batch, draws: Draws) -> Batch:
-    """Mirror each image with probability 1/2, drawn per sample from the step's seed."""
-    flips = draws.uniform() < 0.5  # (n,)
-    images = torch.where(flips[:, None, None, None], batch.images.flip(-1), batch.images)
-    return Batch(images, batch.cond)
+    """Mirror each image with probability 1/2, drawn per sample from the step's seed. Paired
+    noise is mirrored with its image: for a teacher trained with flips, the mirrored noise
+    leads to the mirrored image."""
+    flips = draws.uniform()[:, None, None, None] < 0.5  # (n, 1, 1, 1)
+    return batch.map(lambda v: torch.where(flips, v.flip(-1), v), lambda v: v)
+
+
+def _plain(value):
+    """`value` as JSON stores it (tuples become lists), for comparing recorded options."""
+    return json.loads(json.dumps(value))
 
 
 def due(every: int | None, count: int) -> bool:

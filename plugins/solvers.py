@@ -10,7 +10,6 @@ from torchdiffeq import odeint
 
 from fmkit import Solver, Velocity, hookimpl
 
-
 # A schedule maps the fraction u = i / steps of the steps taken to the fraction s of the
 # interval covered, both in [0, 1], s(0) = 0 and s(1) = 1, walking from noise (s = 0) to
 # data (s = 1); grids are built on the ascending interval and reversed when time runs

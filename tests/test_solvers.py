@@ -145,11 +145,15 @@ def test_power_schedule_moves_steps_to_the_data_end_without_changing_nfe():
 
     x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    sol = integrate(build_solver("euler", steps=4, options={"schedule": "power", "power": 2.0}), record, x0, t)
+    sol = integrate(
+        build_solver("euler", steps=4, options={"schedule": "power", "power": 2.0}), record, x0, t
+    )
     assert sol.nfe == 4
     assert seen == pytest.approx([0.0, 1 - 0.75**2, 1 - 0.5**2, 1 - 0.25**2])
     # Still converges to the closed form.
-    fine = integrate(build_solver("rk4", steps=50, options={"schedule": "power", "power": 3.0}), decay, x0 + 1, t)
+    fine = integrate(
+        build_solver("rk4", steps=50, options={"schedule": "power", "power": 3.0}), decay, x0 + 1, t
+    )
     assert abs(fine.x.item() - math.exp(-1)) < 1e-6
 
 
@@ -183,7 +187,9 @@ def test_schedules_are_dense_at_the_same_end_when_time_runs_backwards():
 
     x0 = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     t = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    integrate(build_solver("euler", steps=4, options={"schedule": "power", "power": 2.0}), record, x0, t)
+    integrate(
+        build_solver("euler", steps=4, options={"schedule": "power", "power": 2.0}), record, x0, t
+    )
     # The forward grid 0, 0.4375, 0.75, 0.9375, 1 walked from 1 down to 0.
     assert seen == pytest.approx([1.0, 1 - 0.25**2, 1 - 0.5**2, 1 - 0.75**2])
 

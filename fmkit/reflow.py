@@ -1,0 +1,166 @@
+"""Reflow's noise-image pairs (Liu et al. 2023, "Flow Straight and Fast: Learning to Generate
+and Transfer Data with Rectified Flow"): a teacher's ODE maps noise to images, and a model
+trained on those fixed pairs (the `reflow` objective) learns straighter paths that few steps
+can follow. Repeating it (a pair folder from a reflowed model) gives 3-rectified flow.
+
+A pair folder is a prepared array (see fmkit.prepared) that any fmkit dataset reader can
+open, plus the seed of each image's noise instead of the noise itself (the noise is 64x larger
+than the uint8 image and regenerates exactly from its seed):
+
+    images.npy       (N, S, S, C) uint8, the teacher's images
+    noise_seeds.npy  (N,) int64; `pair_noise` turns them back into the noise
+    labels.npy       (N,) class indices, for a class-conditional teacher
+    pairs.json       the settings and how many pairs are done (updated after every batch)
+    meta.json        written last: the folder is complete and reads as a prepared dataset
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fmkit.errors import FmkitError
+from fmkit.generator import Generator
+from fmkit.pixels import to_uint8
+from fmkit.prepared import META
+
+PAIRS = "pairs.json"
+
+
+def pair_seeds(seed: int, start: int, stop: int) -> Tensor:
+    """(stop - start,) int64 noise seeds of pairs start..stop-1 of a folder made with `seed`."""
+    seeds = []
+    for i in range(start, stop):
+        digest = hashlib.blake2b(f"fmkit-reflow:{seed}:{i}".encode(), digest_size=8).digest()
+        seeds.append(int.from_bytes(digest, "little") >> 1)  # non-negative int64
+    return torch.tensor(seeds, dtype=torch.int64)
+
+
+def pair_noise(seeds: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """(B, *shape) standard normal noise, row i drawn on the CPU from a generator seeded by
+    seeds[i]: the same on every machine and independent of how pairs are batched."""
+    rows = [
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds
+    ]
+    return torch.stack(rows)
+
+
+def write_pairs(
+    teacher: Generator,
+    out: Path,
+    num_pairs: int,
+    solver,
+    settings: dict,
+    batch_size: int = 256,
+    seed: int = 0,
+    guidance: float = 1.0,
+    progress: bool = True,
+) -> Path:
+    """Generate `num_pairs` noise-image pairs with `teacher` into `out`, resuming an
+    interrupted folder made with the same settings.
+
+    Args:
+        settings: what identifies the pairs besides the arguments (teacher path, solver spec):
+            a folder made with other settings is never extended.
+        batch_size: pairs per solve (adaptive solvers pick steps per batch, so the batch size
+            is part of the settings too).
+    """
+    spec = teacher.data
+    condition = spec.condition
+    if condition.kind == "attributes":
+        raise FmkitError(
+            "reflow pairs from an attribute-conditional teacher are not supported yet "
+            "(which attribute vectors to ask for is open); use a class-conditional or "
+            "unconditional teacher"
+        )
+    out = Path(out)
+    record = {
+        **settings,
+        "num_pairs": num_pairs,
+        "batch_size": batch_size,
+        "seed": seed,
+        "guidance": guidance,
+        "image_size": spec.image_size,
+        "channels": spec.channels,
+        "condition": condition.to_dict(),
+    }
+    done = _start(out, record)
+    if done is None:
+        return out
+    shape = (spec.image_size, spec.image_size, spec.channels)
+    mode = "r+" if done else "w+"
+    try:
+        images = np.lib.format.open_memmap(
+            out / "images.npy", mode=mode, dtype=np.uint8, shape=(num_pairs, *shape)
+        )
+    except (OSError, ValueError):
+        images = None
+    if images is None or images.shape != (num_pairs, *shape):
+        raise FmkitError(f"{out / 'images.npy'} is damaged; choose another --out")
+    np.save(out / "noise_seeds.npy", pair_seeds(seed, 0, num_pairs).numpy())
+    labels = None
+    if condition.kind == "class":  # balanced over the classes
+        labels = np.arange(num_pairs, dtype=np.int64) % condition.size
+        np.save(out / "labels.npy", labels)
+    with tqdm(
+        total=num_pairs, initial=done, desc="reflow pairs", unit="pair", disable=not progress
+    ) as bar:
+        while done < num_pairs:
+            stop = min(done + batch_size, num_pairs)
+            noise = pair_noise(pair_seeds(seed, done, stop), (spec.channels, *shape[:2]))
+            cond = None
+            if labels is not None:
+                cond = {"class": torch.from_numpy(labels[done:stop]).to(teacher.device)}
+            x = teacher.generate(noise, solver, cond, guidance=guidance).x
+            images[done:stop] = to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
+            images.flush()  # the pixels are on disk before the count that covers them
+            done = stop
+            _write_json(out / PAIRS, {**record, "done": done})
+            bar.update(stop - bar.n)
+    del images
+    meta = {
+        "count": num_pairs,
+        "image_size": spec.image_size,
+        "source": {"dataset": "reflow", **settings, "seed": seed, "guidance": guidance},
+    }
+    if labels is not None:
+        meta["condition"] = condition.to_dict()
+    _write_json(out / META, meta)
+    return out
+
+
+def _start(out: Path, record: dict) -> int | None:
+    """Pairs already done in `out` (0 for a new folder), or None when it is complete; a folder
+    made with other settings is an error."""
+    if not (out / PAIRS).is_file():
+        if out.exists() and any(out.iterdir()):
+            raise FmkitError(f"{out} exists and is not a reflow pair folder; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        return 0
+    try:
+        previous = json.loads((out / PAIRS).read_text())
+    except (OSError, ValueError):
+        raise FmkitError(f"{out / PAIRS} is unreadable; choose another --out") from None
+    changed = sorted(k for k in record if previous.get(k) != record[k])
+    if changed:
+        key = changed[0]
+        raise FmkitError(
+            f"{out} holds pairs made with {key}={previous.get(key)!r}, not {record[key]!r}; "
+            "choose another --out to make new pairs"
+        )
+    if (out / META).is_file():
+        return None
+    return int(previous.get("done", 0))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    os.replace(staging, path)

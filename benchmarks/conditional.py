@@ -49,8 +49,8 @@ RECIPES = {  # flow-matching objective options per recipe
     "attr0.3": {"attribute_dropout": 0.3},
     "attr0": {"attribute_dropout": 0.0, "cond_dropout": 0.2},
 }
-GUIDANCE = [(0.0, (0.0, 1.0)), (1.0, (0.0, 1.0)), (1.5, (0.0, 1.0)), (2.0, (0.0, 1.0))]
-GUIDANCE += [(4.0, (0.0, 1.0)), (4.0, (0.2, 0.8)), (4.0, (0.0, 0.5))]
+GUIDANCE = [(w, (0.0, 1.0)) for w in (0.0, 1.0, 1.25, 1.5, 2.0, 4.0)]
+GUIDANCE += [(w, (0.2, 0.8)) for w in (1.5, 2.0, 4.0)] + [(2.0, (0.5, 1.0)), (2.0, (0.0, 0.5))]
 
 
 def load(name: str):
@@ -85,6 +85,14 @@ def _train_job(args):
 
 
 def train_all(jobs: list[tuple], parallel: int) -> list[Path]:
+    done = {job[1]: job[1] / "checkpoint_final.safetensors" for job in jobs}
+    jobs = [job for job in jobs if not done[job[1]].is_file()]  # kept from an earlier run
+    if jobs:
+        _train_missing(jobs, parallel)
+    return list(done.values())
+
+
+def _train_missing(jobs: list[tuple], parallel: int) -> list[Path]:
     if parallel > 1:
         with multiprocessing.get_context("spawn").Pool(parallel) as pool:
             return pool.map(_train_job, jobs)
@@ -283,13 +291,16 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--backbone-opt", action="append", default=[], help="UNet option KEY=VALUE (repeatable)"
     )
+    parser.add_argument(
+        "--keep", type=Path, help="keep the trained models here; models already there are reused"
+    )
     args = parser.parse_args(argv)
     backbone = parse_options(args.backbone_opt, "--backbone-opt")
     print(
         f"# {platform.machine()}, one torch thread per training, UNet {load('quality').BASE['backbone_opts']}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
         parts = args.part.split(",")
         if "class" in parts:
             part_class(work, args.steps, args.samples, args.parallel, backbone)

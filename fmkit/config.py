@@ -92,13 +92,18 @@ class TrainConfig:
     ema_warmup: float = option(
         10.0, "EMA decay ramp: update n uses min(--ema-decay, n / (n + W)); 0 turns it off.", min=0
     )
-    time_sampling: str = option(
-        "uniform",
-        "Training times of flow matching: uniform, logit_normal (--time-loc/--time-scale) or edm.",
+    time_sampling: str | None = option(
+        None,
+        "Training times: uniform, logit_normal (--time-loc/--time-scale) or edm [default: the "
+        "objective's own; flow matching: uniform].",
         choices=TIME_SAMPLING,
     )
-    time_loc: float = option(0.0, "logit_normal location (0: centred on t = 0.5).")
-    time_scale: float = option(1.0, "logit_normal scale.", min=0, min_open=True)
+    time_loc: float | None = option(
+        None, "logit_normal location (0: centred on t = 0.5) [default: the objective's]."
+    )
+    time_scale: float | None = option(
+        None, "logit_normal scale [default: the objective's].", min=0, min_open=True
+    )
     save_every: int | None = option(
         10, "Checkpoint every N epochs (0: off).", min=0, zero_is_none=True
     )
@@ -150,18 +155,17 @@ OBJECTIVE_FLAGS = ("time_sampling", "time_loc", "time_scale")
 
 def objective_options(cfg: TrainConfig, accepts) -> dict:
     """The objective's options: --objective-opt values, plus the flags in OBJECTIVE_FLAGS that
-    the objective takes (`accepts(name)`); setting one it does not take is an error."""
+    were set (None leaves the objective's own default) and that the objective takes
+    (`accepts(name)`); setting one it does not take is an error."""
     options = dict(cfg.objective_opts)
-    defaults = TrainConfig()
     for name in OBJECTIVE_FLAGS:
         value = getattr(cfg, name)
-        if accepts(name):
-            options.setdefault(name, value)
-        elif value != getattr(defaults, name):
+        if value is None:
+            continue
+        if not accepts(name):
             flag = "--" + name.replace("_", "-")
-            raise FmkitError(
-                f"{flag} is an option of flow matching; objective '{cfg.objective}' has none"
-            )
+            raise FmkitError(f"{flag} is not an option of objective '{cfg.objective}'")
+        options.setdefault(name, value)
     return options
 
 

@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.unet",
     "fmkit_plugins.paths",
     "fmkit_plugins.objectives",
+    "fmkit_plugins.meanflow",
     "fmkit_plugins.solvers",
     "fmkit_plugins.celeba",
     "fmkit_plugins.folder",

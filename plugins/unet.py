@@ -202,6 +202,9 @@ class UNet(nn.Module):
             added to the time embedding; None (or kind "none") for an unconditional model.
         scale_shift: residual blocks scale and shift their normalised activations by the
             embedding (ADM) instead of adding it (DDPM).
+        two_times: also take a second time r (`cond["r"]`, from few-step objectives such as
+            MeanFlow): the embedding of r - t is added to the time embedding, through a
+            zero-initialised layer so that the untrained r-path leaves the model unchanged.
     """
 
     def __init__(
@@ -217,6 +220,7 @@ class UNet(nn.Module):
         image_size: int = 64,
         condition: Condition | None = None,
         scale_shift: bool = False,
+        two_times: bool = False,
     ) -> None:
         super().__init__()
         if not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1 or base_channels < 1:
@@ -227,6 +231,13 @@ class UNet(nn.Module):
         self.time_emb_dim = time_emb_dim
         emb = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(time_emb_dim, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.gap_mlp = None
+        if two_times:
+            self.gap_mlp = nn.Sequential(
+                nn.Linear(time_emb_dim, emb), nn.SiLU(), nn.Linear(emb, emb)
+            )
+            nn.init.zeros_(self.gap_mlp[-1].weight)
+            nn.init.zeros_(self.gap_mlp[-1].bias)
         self.cond_emb = None
         if condition is not None and condition.kind != "none":
             self.cond_emb = ConditionEmbedding(condition, emb)
@@ -278,7 +289,8 @@ class UNet(nn.Module):
             x: (B, C, H, W) states; H and W multiples of 2 ** (levels - 1).
             t: (B,) times in [0, 1] (a 0-dim t is broadcast).
             cond: {"class": (B,)} or {"attributes": (B, K)}, -1 for unspecified; None is all
-                unspecified (see fmkit.batch). An unconditional model ignores it.
+                unspecified (see fmkit.batch). An unconditional model ignores it. With
+                two_times, "r": (B,) the second time (r = t when absent).
         """
         if x.shape[-1] % self._min_size or x.shape[-2] % self._min_size:
             raise FmkitError(
@@ -286,6 +298,11 @@ class UNet(nn.Module):
             )
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         emb = self.time_mlp(timestep_embedding(t, self.time_emb_dim).to(x.dtype))  # (B, 4C)
+        if self.gap_mlp is not None:
+            r = t if cond is None or "r" not in cond else cond["r"].expand(x.shape[0])
+            emb = emb + self.gap_mlp(timestep_embedding(r - t, self.time_emb_dim).to(x.dtype))
+        elif cond is not None and "r" in cond:
+            raise FmkitError("unet: this objective passes a second time r; use two_times=true")
         if self.cond_emb is not None:
             emb = emb + self.cond_emb(cond, x.shape[0], x.device).to(emb.dtype)
         h = self.conv_in(x)  # (B, C, H, W)
@@ -321,6 +338,7 @@ def unet(
     num_heads: int = 1,
     time_emb_dim: int = 128,
     scale_shift: bool = False,
+    two_times: bool = False,
     data: DataSpec | None = None,
 ) -> UNet:
     """DDPM/ADM UNet (Ho et al. 2020); options base_channels, channel_mult, num_res_blocks, ..."""
@@ -336,6 +354,7 @@ def unet(
         image_size=image_size,
         condition=data.condition if data is not None else None,
         scale_shift=scale_shift,
+        two_times=two_times,
     )
 
 

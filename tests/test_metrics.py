@@ -81,3 +81,21 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
     assert graded["nfe"] == 2 and graded["fd"] != result["final"]["euler:2"]["fd"]
     assert [c["step"] for c in result["checkpoints"]] == [1, 2]
     assert result["floor"] > 0
+
+
+def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("fewstep", REPO / "benchmarks" / "fewstep.py")
+    fewstep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fewstep)
+    out = tmp_path / "f.json"
+    fewstep.main(
+        ["--steps", "2", "--reflow-steps", "2", "--pairs", "64", "--samples", "16", "--parallel", "1",
+         "--classifier-epochs", "1", "--keep", str(tmp_path / "runs"), "--json", str(out)]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| MeanFlow | euler:1 | 1 |" in printed and "reflow at 4 NFE" in printed
+    result = json.loads(out.read_text())
+    models = result["models"]
+    assert models["reflow (2-RF)"]["scores"]["euler:2"]["nfe"] == 2
+    assert models["flow matching"]["scores"]["ab2:8:schedule=edm"]["nfe"] == 8
+    assert (tmp_path / "runs" / "pairs" / "meta.json").is_file()

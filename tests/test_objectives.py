@@ -177,7 +177,7 @@ def test_condition_errors_are_one_line(tmp_path, run_cli, plugin):
         run_cli(*base, "--dataset", "two-colours", "--backbone", "toy-conditional",
                 "--objective", "time_weighted", "--time-sampling", "logit_normal")
     )  # fmt: skip
-    assert "--time-sampling is an option of flow matching" in line
+    assert "--time-sampling is not an option of objective 'time_weighted'" in line
     assert not (tmp_path / "run").exists()
 
 

@@ -17,7 +17,7 @@ from fmkit.data import build_dataset, source_of
 from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.evaluate import WEIGHTS_ENV, evaluate_solver, result_line, setup, training_data
-from fmkit.generator import Generator, is_model_folder
+from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator, is_model_folder
 from fmkit.options import check_options, describe_options, parse_options, parse_value
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import write_array
@@ -246,17 +246,18 @@ _CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or ex
 )
 @click.option(
     "--guidance",
-    default=1.0,
+    default=GUIDANCE,
     show_default=True,
     type=click.FloatRange(0),
-    help="Classifier-free guidance weight w: v_u + w (v_c - v_u); 1 is none.",
+    help="Classifier-free guidance weight w of a conditional model: v_u + w (v_c - v_u); "
+    "1 is none.",
 )
 @click.option(
     "--guidance-interval",
-    default="0,1",
+    default=",".join(f"{x:g}" for x in GUIDANCE_INTERVAL),
     show_default=True,
     metavar="LO,HI",
-    help="Guide only at times LO <= t <= HI (t = 0 noise, 1 data).",
+    help="Guide only at times LO <= t <= HI (t = 0 noise, 1 data); 0,1 guides throughout.",
 )
 @click.pass_context
 def sample_command(
@@ -318,10 +319,11 @@ def sample_command(
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds every pair's noise.")
 @click.option(
     "--guidance",
-    default=1.0,
+    default=GUIDANCE,
     show_default=True,
     type=click.FloatRange(0),
-    help="Classifier-free guidance weight of a class-conditional teacher.",
+    help="Classifier-free guidance weight of a class-conditional teacher (at "
+    f"{GUIDANCE_INTERVAL[0]:g} <= t <= {GUIDANCE_INTERVAL[1]:g}).",
 )
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])

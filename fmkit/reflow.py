@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmkit.errors import FmkitError
-from fmkit.generator import Generator
+from fmkit.generator import GUIDANCE, Generator
 from fmkit.pixels import to_uint8
 from fmkit.prepared import META
 
@@ -60,7 +60,7 @@ def write_pairs(
     settings: dict,
     batch_size: int = 256,
     seed: int = 0,
-    guidance: float = 1.0,
+    guidance: float = GUIDANCE,
     progress: bool = True,
 ) -> Path:
     """Generate `num_pairs` noise-image pairs with `teacher` into `out`, resuming an

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
-from fmkit.generator import Generator
+from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
 from fmkit.pixels import to_unit
 from fmkit.solver import Solver
 from fmkit.visualize import trajectory_strip, visualize_samples
@@ -33,8 +33,8 @@ def sample_to_dir(
     trajectory: int = 0,
     log=print,
     cond: Any = None,
-    guidance: float = 1.0,
-    interval: tuple[float, float] = (0.0, 1.0),
+    guidance: float = GUIDANCE,
+    interval: tuple[float, float] = GUIDANCE_INTERVAL,
 ) -> SampleReport:
     """Generate `num_samples` images into `out`: grid.png, one PNG per sample and, with
     `trajectory` = K >= 2, trajectory.png (K states from noise to image for the first batch).

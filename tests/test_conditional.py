@@ -63,13 +63,19 @@ def test_a_class_conditional_model_makes_the_class_asked_for(two_class_run):
 
 def test_guidance_costs_at_most_twice_the_nfe_and_the_interval_less(two_class_run):
     generator = Generator.load(two_class_run)
-    plain = generator.sample(4, cond={"class": "red"}, steps=10)
-    guided = generator.sample(4, cond={"class": "red"}, steps=10, guidance=3.0)
+    plain = generator.sample(4, cond={"class": "red"}, steps=10, guidance=1.0)
+    guided = generator.sample(4, cond={"class": "red"}, steps=10, guidance=3.0, interval=(0, 1))
     limited = generator.sample(
         4, cond={"class": "red"}, steps=10, guidance=3.0, interval=(0.0, 0.45)
     )
     assert plain.nfe == [10] and guided.nfe == [20] and limited.nfe == [15]
     assert not torch.equal(plain.images, guided.images)
+    # By default a conditional model is guided (w = 1.5) at 0.2 <= t <= 0.8: steps at
+    # t = 0.2 ... 0.8 (7 of the 10) cost two evaluations.
+    default = generator.sample(4, cond={"class": "red"}, steps=10)
+    assert default.nfe == [17] and not torch.equal(default.images, plain.images)
+    # An unconditional request is never guided.
+    assert generator.sample(4, steps=10).nfe == [10]
 
 
 def test_sample_cli_with_conditions_a_file_and_guidance(two_class_run, tmp_path, run_cli):
@@ -77,9 +83,13 @@ def test_sample_cli_with_conditions_a_file_and_guidance(two_class_run, tmp_path,
     assert "2 classes" in listed.output and "0  blue" in listed.output
     out = tmp_path / "s"
     result = run_cli("sample", "--checkpoint", two_class_run, "--cond", "class=red",
-                     "--guidance", 2, "--num-samples", 3, "--steps", 5, "--output", out)  # fmt: skip
+                     "--guidance", 2, "--guidance-interval", "0,1", "--num-samples", 3,
+                     "--steps", 5, "--output", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "NFE 10" in result.output  # 5 guided steps, two passes each
+    result = run_cli("sample", "--checkpoint", two_class_run, "--cond", "class=red",
+                     "--num-samples", 3, "--steps", 5, "--output", out)  # fmt: skip
+    assert "NFE 9" in result.output  # by default guided at t = 0.2 ... 0.8 only
     spec = tmp_path / "conds.txt"
     spec.write_text("class=red\n# a comment\nclass=blue\nclass=1\n")
     result = run_cli("sample", "--checkpoint", two_class_run, "--cond-file", spec,
@@ -172,7 +182,7 @@ def test_celeba_attributes_train_and_sample_by_name(tmp_path, run_cli, monkeypat
         "row 3: Smiling=0",
     ]
     generator = Generator.load(out)
-    samples = generator.sample(2, cond={"Smiling": 1}, guidance=2.0, steps=2)
+    samples = generator.sample(2, cond={"Smiling": 1}, guidance=2.0, interval=(0, 1), steps=2)
     assert samples.images.shape == (2, 3, 8, 8) and samples.nfe == [4]
     base = [
         "sample",

@@ -51,6 +51,8 @@ RECIPES = {  # flow-matching objective options per recipe
 }
 GUIDANCE = [(w, (0.0, 1.0)) for w in (0.0, 1.0, 1.25, 1.5, 2.0, 4.0)]
 GUIDANCE += [(w, (0.2, 0.8)) for w in (1.5, 2.0, 4.0)] + [(2.0, (0.5, 1.0)), (2.0, (0.0, 0.5))]
+ATTRIBUTE_GUIDANCE = [(1.0, (0.0, 1.0)), (1.5, (0.2, 0.8)), (2.0, (0.0, 1.0)), (3.0, (0.0, 1.0))]
+ATTRIBUTE_GUIDANCE += [(3.0, (0.2, 0.8))]
 
 
 def load(name: str):
@@ -215,16 +217,16 @@ def part_attributes(
     judge = attribute_classifier()
     solver = build_solver("euler", steps=20)
     print(f"\n## Attribute control: synthetic shapes, {steps} steps, {samples} samples each\n")
-    print("| recipe | guidance | worst agreement on the set attribute | mean | worst drift of an "
-          "unspecified one (points) |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- |")
+    print("| recipe | guidance | interval | worst agreement on the set attribute | mean | "
+          "worst drift of an unspecified one (points) |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
     for recipe, ckpt in zip(recipes, checkpoints, strict=True):
         model = Generator.load(ckpt)
-        for w in (1.0, 2.0, 3.0):
+        for w, interval in ATTRIBUTE_GUIDANCE:
             agreement, drift = [], []
             for a, value in itertools.product(range(len(ATTRIBUTES)), (0, 1)):
                 out = model.sample(samples, cond={ATTRIBUTES[a]: value}, solver=solver,
-                                   seed=1, batch_size=samples, guidance=w)  # fmt: skip
+                                   seed=1, batch_size=samples, guidance=w, interval=interval)  # fmt: skip
                 with torch.no_grad():
                     seen = (judge(out.images) > 0).float()  # (N, 4)
                 agreement.append((seen[:, a] == value).float().mean().item())
@@ -232,7 +234,8 @@ def part_attributes(
                     if b != a:
                         drift.append(abs(seen[:, b].mean().item() - FREQUENCY[b]) * 100)
             print(
-                f"| {recipe} {RECIPES[recipe]} | {w:g} | {100 * min(agreement):.1f}% | "
+                f"| {recipe} {RECIPES[recipe]} | {w:g} | {interval[0]:g}–{interval[1]:g} | "
+                f"{100 * min(agreement):.1f}% | "
                 f"{100 * statistics.mean(agreement):.1f}% | {max(drift):.1f} |",
                 flush=True,
             )

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmkit import Solution, Solver, hookimpl
 from fmkit.batch import Batch, Cond
@@ -74,7 +75,10 @@ class MeanFlowObjective(Objective):
         def average(x: Tensor, time: Tensor) -> Tensor:
             return model(x, time, {**(cond or {}), "r": r})
 
-        u, dudt = torch.func.jvp(average, (target.x_t, t), (v, torch.ones_like(t)))
+        # Fused attention kernels (flash, memory-efficient; CPU flash too) have no forward-mode
+        # derivative, so the JVP runs attention in its plain math form.
+        with sdpa_kernel(SDPBackend.MATH):
+            u, dudt = torch.func.jvp(average, (target.x_t, t), (v, torch.ones_like(t)))
         gap = (r - t).view(-1, *(1,) * (x1.dim() - 1)).to(v.dtype)
         wanted = (v + gap * dudt).detach()
         return ((u.float() - wanted.float()) ** 2).flatten(1).mean(1)

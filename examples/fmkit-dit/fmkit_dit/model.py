@@ -114,6 +114,8 @@ class DiT(nn.Module):
         image_size: input height and width; a multiple of `patch_size`.
         channels: image channels (in and out).
         patch_size, width, depth, heads, mlp_ratio: the transformer's shape.
+        two_times: also take a second time r (`cond["r"]`, from few-step objectives such as
+            MeanFlow), whose embedding of r - t (zero-initialised) is added to the time's.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class DiT(nn.Module):
         depth: int,
         heads: int,
         mlp_ratio: float = 4.0,
+        two_times: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -137,14 +140,25 @@ class DiT(nn.Module):
         self.embed = nn.Conv2d(channels, width, patch_size, stride=patch_size)
         self.register_buffer("pos", sincos_2d(width, self.grid)[None], persistent=False)
         self.time = TimeEmbedding(width)
+        self.gap = None
+        if two_times:
+            self.gap = TimeEmbedding(width)
+            nn.init.zeros_(self.gap.mlp[-1].weight)
+            nn.init.zeros_(self.gap.mlp[-1].bias)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(width, patch_size, channels)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x (B, C, H, W), t (B,) in [0, 1] -> velocity (B, C, H, W)."""
+    def forward(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) in [0, 1] -> velocity (B, C, H, W); with two_times,
+        cond["r"] (B,) is the second time (r = t when absent)."""
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
         h = self.embed(x).flatten(2).transpose(1, 2) + self.pos  # (B, N, D)
         c = self.time(t)  # (B, D)
+        if self.gap is not None:
+            r = t if cond is None or "r" not in cond else cond["r"].expand(x.shape[0])
+            c = c + self.gap(r - t)
+        elif cond is not None and "r" in cond:
+            raise FmkitError("dit: this objective passes a second time r; use two_times=true")
         for block in self.blocks:
             h = block(h, c)
         h = self.final(h, c)  # (B, N, p*p*C)
@@ -163,9 +177,13 @@ def dit(
     depth: int | None = None,
     heads: int | None = None,
     mlp_ratio: float = 4.0,
+    two_times: bool = False,
 ) -> DiT:
     """Diffusion Transformer (Peebles & Xie 2023); options preset (DiT-S/2, DiT-B/2, ...), ..."""
     if preset not in PRESETS:
         raise FmkitError(f"dit: unknown preset '{preset}'; available: {', '.join(PRESETS)}")
     w, d, h, p = PRESETS[preset]
-    return DiT(image_size, channels, patch_size or p, width or w, depth or d, heads or h, mlp_ratio)
+    return DiT(
+        image_size, channels, patch_size or p, width or w, depth or d, heads or h, mlp_ratio,
+        two_times,
+    )  # fmt: skip

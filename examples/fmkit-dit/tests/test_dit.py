@@ -132,3 +132,45 @@ def test_listed_trained_and_sampled_by_name(tmp_path):
         f"Error: {run / 'checkpoint_final.safetensors'} needs backbone 'dit', which is not "
         "installed; it came from the distribution fmkit-dit 0.1.0: pip install fmkit-dit"
     ]
+
+
+def test_two_times_trains_meanflow_and_samples_in_one_step(tmp_path):
+    from PIL import Image
+
+    for i in range(8):
+        Image.new("RGB", (16, 16), (i * 30, 80, 160)).save(tmp_path / f"{i}.png")
+    run = tmp_path / "run"
+    small = ["--backbone-opt", "preset=DiT-S/4", "--backbone-opt", "depth=2",
+             "--backbone-opt", "width=64", "--backbone-opt", "heads=4"]  # fmt: skip
+    trained = fmkit(
+        "train", "--backbone", "dit", *small, "--backbone-opt", "two_times=true",
+        "--objective", "meanflow", "--dataset", "folder", "--data-dir", tmp_path,
+        "--image-size", 16, "--batch-size", 4, "--max-steps", 2, "--num-samples", 2,
+        "--sample-steps", 1, "--output", run,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    sampled = fmkit("sample", "--checkpoint", run, "--steps", 1, "--num-samples", 2,
+                    "--output", tmp_path / "s")  # fmt: skip
+    assert sampled.returncode == 0 and "mean NFE 1.0" in sampled.stdout, sampled.stderr
+    # Without two_times, the second time is refused in one line.
+    refused = fmkit(
+        "train", "--backbone", "dit", *small, "--objective", "meanflow", "--dataset", "folder",
+        "--data-dir", tmp_path, "--image-size", 16, "--batch-size", 4, "--max-steps", 1,
+        "--output", tmp_path / "x",
+    )  # fmt: skip
+    assert refused.returncode == 1 and "two_times=true" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_the_second_time_reaches_the_output():
+    from fmkit_dit.model import DiT
+
+    torch.manual_seed(0)
+    model = DiT(16, 3, 4, 64, 2, 4, two_times=True)
+    for p in model.gap.mlp[-1].parameters():  # trained: no longer the zero initialisation
+        torch.nn.init.normal_(p, std=0.5)
+    for p in model.final.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.3)
+    same = model(x, t, {"r": t})
+    assert torch.equal(same, model(x, t))  # r = t when absent
+    assert not torch.allclose(same, model(x, t, {"r": torch.full((2,), 0.9)}))

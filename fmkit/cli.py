@@ -335,7 +335,7 @@ def reflow_command(
     Liu et al. 2023); an interrupted run resumes when called again with the same settings.
 
     Example: fmkit reflow --teacher results --num-pairs 100000 --out pairs, then
-    fmkit train --objective reflow --dataset prepared --data-dir pairs --init-from results
+    fmkit train --objective reflow --data-dir pairs --init-from results
     """
     from fmkit.reflow import write_pairs
 
@@ -351,7 +351,7 @@ def reflow_command(
     settings = {"teacher": str(source.resolve()), "solver": spec}
     write_pairs(model, out, num_pairs, built, settings, batch_size, seed, guidance)
     click.echo(f"{num_pairs} pairs in {out}/ ({spec}); train on them with --objective reflow "
-               f"--dataset prepared --data-dir {out} --init-from {teacher}")  # fmt: skip
+               f"--data-dir {out} --init-from {teacher}")  # fmt: skip
 
 
 def parse_conditions(pairs, flag: str) -> dict:

@@ -50,7 +50,11 @@ def option(
 class TrainConfig:
     backbone: str = option("unet", "Registered backbone (fmkit list backbones).")
     backbone_opts: dict = option({}, "Option for the backbone (see `fmkit show backbones NAME`).")
-    dataset: str = option("celeba", "Registered dataset (fmkit list datasets).")
+    dataset: str = option(
+        "celeba",
+        "Registered dataset (fmkit list datasets); unset, a --data-dir that holds a prepared "
+        "array (fmkit prepare, fmkit reflow) is read as `prepared`.",
+    )
     dataset_opts: dict = option({}, "Option for the dataset (see `fmkit show datasets NAME`).")
     path: str = option("linear", "Registered probability path (fmkit list paths).")
     path_opts: dict = option({}, "Option for the path (see `fmkit show paths NAME`).")
@@ -236,9 +240,16 @@ def resolve(flags: dict[str, Any], given: set[str], toml: Path | None = None) ->
     values = normalise(values)  # before defaults: `--dataset-opt flip=false` beats hflip's
     if values.get("init_from"):
         _model_defaults(values, values["init_from"])
+    if "dataset" not in values and _is_prepared(values.get("data_dir", flags.get("data_dir"))):
+        values["dataset"] = "prepared"  # what `fmkit prepare` and `fmkit reflow` write
     for name, value in flags.items():
         values.setdefault(name, value)
     return TrainConfig.from_dict(values)
+
+
+def _is_prepared(data_dir: str | None) -> bool:
+    root = Path(data_dir) if data_dir else None
+    return root is not None and (root / "meta.json").is_file() and (root / "images.npy").is_file()
 
 
 def _model_defaults(values: dict, source: str) -> None:

@@ -78,7 +78,7 @@ class ReflowObjective(FlowMatchingObjective):
         if batch.noise is None:
             raise FmkitError(
                 "the reflow objective trains on noise-image pairs: pass --data-dir of a folder "
-                "written by `fmkit reflow` (with --dataset prepared)"
+                "written by `fmkit reflow`"
             )
         x1 = batch.images
         base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()

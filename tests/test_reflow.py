@@ -85,7 +85,8 @@ def test_an_interrupted_pair_folder_resumes_to_the_same_pairs(
 def test_reflow_trains_from_the_teacher_and_samples_in_one_step(teacher, tmp_path, run_cli):
     assert run_cli(*reflow_args(teacher, tmp_path / "pairs")).exit_code == 0
     out = tmp_path / "2rf"
-    args = ["train", "--objective", "reflow", "--dataset", "prepared", "--data-dir"]
+    # The command: a pair folder is read as the prepared array it is, no --dataset.
+    args = ["train", "--objective", "reflow", "--data-dir"]
     args += [tmp_path / "pairs", "--init-from", teacher, "--batch-size", 4, "--max-steps", 2]
     args += ["--lr", "1e-12", "--num-samples", 2, "--sample-steps", 1, "--output", out]
     result = run_cli(*args)

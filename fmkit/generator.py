@@ -354,7 +354,8 @@ class GuidedModel:
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         w = self.guidance
-        if cond is None or w == 1.0 or not self._inside(t):
+        # Guidance needs a condition to leave out: a second time "r" alone is not one.
+        if cond is None or w == 1.0 or not LABELS & cond.keys() or not self._inside(t):
             self.nfe += 1
             return call_model(self.module, x, t, cond)
         free = {k: torch.full_like(v, UNSPECIFIED) if k in LABELS else v for k, v in cond.items()}
@@ -374,7 +375,7 @@ class GuidedModel:
         return lo - 1e-6 <= now <= hi + 1e-6  # a grid point on the edge (in float32) is inside
 
 
-LABELS = ("class", "attributes")  # the condition keys guidance leaves out
+LABELS = {"class", "attributes"}  # the condition keys guidance leaves out
 
 
 def encode_conditions(condition: Condition, wanted: Any, n: int) -> Cond | None:

@@ -193,21 +193,23 @@ class PreparedArray(torch.utils.data.Dataset):
         return np.asarray(self.images[index])
 
     def __getitem__(self, index: int):
-        batch = self.__getitems__([index])
-        image = batch.images[0]
+        image = to_float(self.pixels(index))
         return image if self.labels is None else (image, self.labels[index])
 
-    def __getitems__(self, indices: list[int]) -> Batch:
+    def __getitems__(self, indices: list[int]) -> list | Batch:
+        """Items `indices` with one sorted array read: a list of items, as `__getitem__`
+        gives them, or, in a reflow pair folder, a whole Batch with each image's noise
+        (fmkit's collate passes it through; torch's default collate cannot)."""
         order = np.argsort(indices)  # sorted reads are sequential on disk
         pixels = np.empty((len(indices), *self.images.shape[1:]), dtype=np.uint8)
         pixels[order] = self.images[np.asarray(indices)[order]]
         images: Tensor = to_float(pixels)  # (B, 3, S, S)
-        cond = (
-            None if self.labels is None else cond_from_labels(self.labels[indices], self.condition)
-        )
-        noise = None
         if self.noise_seeds is not None:
             from fmkit.reflow import pair_noise
 
-            noise = pair_noise(self.noise_seeds[indices], images.shape[1:])
-        return Batch(images, cond, noise)
+            labels = None if self.labels is None else self.labels[indices]
+            cond = None if labels is None else cond_from_labels(labels, self.condition)
+            return Batch(images, cond, pair_noise(self.noise_seeds[indices], images.shape[1:]))
+        if self.labels is None:
+            return list(images)
+        return list(zip(images, self.labels[indices], strict=True))

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmkit.errors import FmkitError
-from fmkit.generator import GUIDANCE, Generator
+from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
 from fmkit.pixels import to_uint8
 from fmkit.prepared import META
 
@@ -86,16 +86,19 @@ def write_pairs(
         "num_pairs": num_pairs,
         "batch_size": batch_size,
         "seed": seed,
-        "guidance": guidance,
         "image_size": spec.image_size,
         "channels": spec.channels,
         "condition": condition.to_dict(),
     }
+    if condition.kind == "class":  # guidance means something only for a conditional teacher
+        record.update(guidance=guidance, guidance_interval=list(GUIDANCE_INTERVAL))
     done = _start(out, record)
     if done is None:
         return out
+    if not (out / PAIRS).is_file():  # first: a folder stopped at any later point resumes
+        _write_json(out / PAIRS, {**record, "done": 0})
     shape = (spec.image_size, spec.image_size, spec.channels)
-    mode = "r+" if done else "w+"
+    mode = "r+" if (out / "images.npy").is_file() else "w+"
     try:
         images = np.lib.format.open_memmap(
             out / "images.npy", mode=mode, dtype=np.uint8, shape=(num_pairs, *shape)
@@ -118,7 +121,9 @@ def write_pairs(
             cond = None
             if labels is not None:
                 cond = {"class": torch.from_numpy(labels[done:stop]).to(teacher.device)}
-            x = teacher.generate(noise, solver, cond, guidance=guidance).x
+            x = teacher.generate(
+                noise, solver, cond, guidance=guidance, interval=GUIDANCE_INTERVAL
+            ).x
             images[done:stop] = to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
             images.flush()  # the pixels are on disk before the count that covers them
             done = stop
@@ -128,7 +133,7 @@ def write_pairs(
     meta = {
         "count": num_pairs,
         "image_size": spec.image_size,
-        "source": {"dataset": "reflow", **settings, "seed": seed, "guidance": guidance},
+        "source": {"dataset": "reflow", **settings, "seed": seed},
     }
     if labels is not None:
         meta["condition"] = condition.to_dict()

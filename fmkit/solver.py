@@ -87,7 +87,7 @@ def build_solver(name: str, steps: int | None = None, options: dict | None = Non
 
 def parse_solver_spec(spec: str) -> tuple[str, int | None, dict]:
     """`NAME[:STEPS[:KEY=VALUE...]]` -> (name, steps or None, options); e.g.
-    "euler:20:grid_power=2" -> ("euler", 20, {"grid_power": 2}). The one grammar for solver
+    "ab2:8:schedule=shift" -> ("ab2", 8, {"schedule": "shift"}). The one grammar for solver
     lists (`fmkit eval sweep --solvers`, the benchmarks)."""
     from fmkit.options import parse_options
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmkit import Solution, Solver, hookimpl
@@ -72,13 +73,14 @@ class MeanFlowObjective(Objective):
         target = self.path.sample(x0, x1, t)
         v = target.velocity
 
-        def average(x: Tensor, time: Tensor) -> Tensor:
-            return model(x, time, {**(cond or {}), "r": r})
-
-        # Fused attention kernels (flash, memory-efficient; CPU flash too) have no forward-mode
-        # derivative, so the JVP runs attention in its plain math form.
-        with sdpa_kernel(SDPBackend.MATH):
-            u, dudt = torch.func.jvp(average, (target.x_t, t), (v, torch.ones_like(t)))
+        # One forward pass with dual numbers gives u and its derivative along (v, 1). Forward-
+        # mode AD through the module (not torch.func.jvp, which DDP's reducer cannot follow);
+        # fused attention kernels (flash, memory-efficient) have no forward derivative, so
+        # attention runs in its plain math form here.
+        with sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
+            x_dual = forward_ad.make_dual(target.x_t, v)
+            t_dual = forward_ad.make_dual(t, torch.ones_like(t))
+            u, dudt = forward_ad.unpack_dual(model(x_dual, t_dual, {**(cond or {}), "r": r}))
         gap = (r - t).view(-1, *(1,) * (x1.dim() - 1)).to(v.dtype)
         wanted = (v + gap * dudt).detach()
         return ((u.float() - wanted.float()) ** 2).flatten(1).mean(1)

@@ -121,6 +121,17 @@ def test_two_processes_match_one_and_grad_accum(tmp_path, faces):
     assert_close(ref, weights(tmp_path / "accum" / "checkpoint_final.safetensors")[0])
 
 
+def test_meanflow_trains_under_ddp_like_on_one_process(tmp_path, faces):
+    # Its Jacobian-vector product runs through DistributedDataParallel's forward.
+    extra = ["--max-steps", 3, "--objective", "meanflow", "--backbone-opt", "two_times=true"]
+    one = fmkit(*train_args(faces, tmp_path / "one", *extra))
+    assert one.returncode == 0, one.stderr
+    two = fmkit(*train_args(faces, tmp_path / "two", *extra), procs=2)
+    assert two.returncode == 0, two.stderr
+    ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
+    assert_close(ref, weights(tmp_path / "two" / "checkpoint_final.safetensors")[0])
+
+
 def test_resume_on_two_processes_is_exact_and_on_one_says_so(tmp_path, faces):
     full, split = tmp_path / "full", tmp_path / "split"
     assert fmkit(*train_args(faces, full, "--max-steps", 6), procs=2).returncode == 0

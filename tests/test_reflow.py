@@ -77,6 +77,15 @@ def test_an_interrupted_pair_folder_resumes_to_the_same_pairs(
     assert result.exit_code == 0, result.output
     whole = np.load(tmp_path / "whole" / "images.npy")
     assert np.array_equal(np.load(tmp_path / "cut" / "images.npy"), whole)
+    # Stopped during its very first batch, a folder resumes too.
+    calls.clear()
+    monkeypatch.setattr(
+        Generator, "generate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    assert run_cli(*reflow_args(teacher, tmp_path / "early")).exit_code != 0
+    monkeypatch.setattr(Generator, "generate", original)
+    assert run_cli(*reflow_args(teacher, tmp_path / "early")).exit_code == 0
+    assert np.array_equal(np.load(tmp_path / "early" / "images.npy"), whole)
     # A folder of other settings is never extended.
     line = one_line_error(run_cli(*reflow_args(teacher, tmp_path / "cut", "--seed", 1)))
     assert "holds pairs made with seed=0, not 1" in line
@@ -120,3 +129,34 @@ def test_bad_reflow_inputs_are_one_line_each(teacher, tmp_path, run_cli, faces):
     # The reflow objective needs pairs; plain images have none.
     args = train_args(faces, tmp_path / "y", "--objective", "reflow", "--max-steps", 1)
     assert "trains on noise-image pairs" in one_line_error(run_cli(*args))
+
+
+def test_the_reflow_loss_regresses_each_images_own_noise(teacher, tmp_path, run_cli):
+    from fmkit import Batch, registry
+    from fmkit.objective import Draws
+
+    assert run_cli(*reflow_args(teacher, tmp_path / "pairs")).exit_code == 0
+    batch = PreparedArray(tmp_path / "pairs", 16).__getitems__(list(range(8)))
+    path = registry("paths").build("linear", {})
+    objective = registry("objectives").build("reflow", {}, path=path)
+
+    def still(x, t, cond=None):  # zero velocity: the loss is the target's mean square
+        return torch.zeros_like(x)
+
+    loss = objective.loss(still, batch, Draws(0, 0, 8, slice(0, 8))).value
+    torch.testing.assert_close(loss, ((batch.images - batch.noise) ** 2).mean())
+    other = Batch(batch.images, None, torch.roll(batch.noise, 1, 0))  # pairs swapped
+    assert objective.loss(still, other, Draws(0, 0, 8, slice(0, 8))).value != loss
+
+
+def test_flips_mirror_the_paired_noise_with_its_image():
+    from fmkit import Batch
+    from fmkit.objective import Draws
+    from fmkit.train import hflip
+
+    images = torch.randn(64, 3, 4, 4)
+    noise = images * 2  # any change that a flip of one and not the other would break
+    flipped = hflip(Batch(images, None, noise), Draws(0, 3, 64, slice(0, 64), stream="flip"))
+    changed = (flipped.images != images).flatten(1).any(1)
+    assert 10 < changed.sum() < 54  # about half mirrored
+    assert torch.equal(flipped.noise, flipped.images * 2)

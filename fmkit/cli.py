@@ -17,7 +17,14 @@ from fmkit.data import build_dataset, source_of
 from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.evaluate import WEIGHTS_ENV, evaluate_solver, result_line, setup, training_data
-from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator, is_model_folder
+from fmkit.generator import (
+    GUIDANCE,
+    GUIDANCE_INTERVAL,
+    SAMPLE_SOLVER,
+    SAMPLE_STEPS,
+    Generator,
+    is_model_folder,
+)
 from fmkit.options import check_options, describe_options, parse_options, parse_value
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import write_array
@@ -201,11 +208,14 @@ _CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or ex
     help=_CHECKPOINT_HELP,
 )
 @click.option(
-    "--solver", default="euler", show_default=True, help="Registered solver (fmkit list solvers)."
+    "--solver",
+    default=SAMPLE_SOLVER,
+    show_default=True,
+    help="Registered solver (fmkit list solvers).",
 )
 @click.option(
     "--steps",
-    default=100,
+    default=SAMPLE_STEPS,
     show_default=True,
     type=click.IntRange(1),
     help="Steps of a fixed-step solver.",

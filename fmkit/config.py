@@ -99,7 +99,7 @@ class TrainConfig:
     time_sampling: str | None = option(
         None,
         "Training times: uniform, logit_normal (--time-loc/--time-scale) or edm [default: the "
-        "objective's own; flow matching: uniform].",
+        "objective's own; flow matching: logit_normal].",
         choices=TIME_SAMPLING,
     )
     time_loc: float | None = option(

@@ -33,7 +33,7 @@ class FlowMatchingObjective(Objective):
     def __init__(
         self,
         path: ProbabilityPath,
-        time_sampling: str = "uniform",
+        time_sampling: str = "logit_normal",
         time_loc: float = 0.0,
         time_scale: float = 1.0,
         cond_dropout: float = 0.1,
@@ -89,7 +89,7 @@ class ReflowObjective(FlowMatchingObjective):
 def flow_matching(
     *,
     path: ProbabilityPath,
-    time_sampling: Literal[TIME_SAMPLING] = "uniform",
+    time_sampling: Literal[TIME_SAMPLING] = "logit_normal",
     time_loc: float = 0.0,
     time_scale: float = 1.0,
     cond_dropout: float = 0.1,
@@ -97,7 +97,8 @@ def flow_matching(
 ) -> FlowMatchingObjective:
     """Flow matching (Lipman et al. 2023); options time sampling, condition dropout.
 
-    Options: time_sampling (uniform, logit_normal, edm), time_loc, time_scale; cond_dropout and
+    Options: time_sampling (logit_normal by default: the best final samples at equal steps in
+    benchmarks/quality.py; uniform, edm), time_loc, time_scale; cond_dropout and
     attribute_dropout for conditional training (classifier-free guidance).
     """
     if time_scale <= 0:
@@ -113,7 +114,7 @@ def flow_matching(
 def reflow(
     *,
     path: ProbabilityPath,
-    time_sampling: Literal[TIME_SAMPLING] = "uniform",
+    time_sampling: Literal[TIME_SAMPLING] = "logit_normal",
     time_loc: float = 0.0,
     time_scale: float = 1.0,
     cond_dropout: float = 0.1,

@@ -263,6 +263,6 @@ def test_objectives_are_listed_and_shown(run_cli):
         "flow_matching  Flow matching (Lipman et al. 2023)" in run_cli("list", "objectives").output
     )
     shown = run_cli("show", "objectives", "flow_matching")
-    assert "time_sampling: 'uniform' | 'logit_normal' | 'edm' = 'uniform'" in shown.output
+    assert "time_sampling: 'uniform' | 'logit_normal' | 'edm' = 'logit_normal'" in shown.output
     assert "path:" not in shown.output  # fmkit passes the path; it is no option
     assert registry("objectives").accepts("flow_matching", "time_sampling")

@@ -38,8 +38,9 @@ def test_solver_matches_closed_form(name, field, exact):
     sol = integrate(solver, field, x0, times)
     assert sol.trajectory.shape == (3, 2, 3, 4, 4)
     for k, t in enumerate(times.tolist()):
-        # Euler is first order (error ~ 1e-3 here at 200 steps); the others are far tighter.
-        atol = 1e-2 if name == "euler" else 1e-4
+        # Euler is first order (error ~ 1e-3 here at 200 steps); the others are far tighter
+        # (ab2's default shift schedule takes 3x longer steps near t = 1: ~1e-4).
+        atol = {"euler": 1e-2, "ab2": 5e-4}.get(name, 1e-4)
         torch.testing.assert_close(sol.trajectory[k], exact(x0, t), rtol=0, atol=atol)
     assert sol.nfe > 0
 
@@ -85,9 +86,9 @@ def test_order_of_accuracy_on_every_schedule(name, schedule):
 
 def test_schedules_lay_out_the_published_grids():
     def grid(**options):
-        return build_solver("euler", steps=4, options=options).grid(0.0, 1.0).tolist()
+        return build_solver("heun", steps=4, options=options).grid(0.0, 1.0).tolist()
 
-    assert grid() == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    assert grid() == pytest.approx([0, 0.25, 0.5, 0.75, 1])  # the RK methods' default
     assert grid(schedule="power", power=2.0) == pytest.approx([0, 0.4375, 0.75, 0.9375, 1])
     # SD3's shift on the noise level sigma = 1 - t: sigma' = 3 sigma / (1 + 2 sigma).
     assert grid(schedule="shift", shift=3.0) == pytest.approx([0, 0.1, 0.25, 0.5, 1])
@@ -107,7 +108,8 @@ def test_ab2_spends_one_evaluation_per_step_and_reuses_the_last():
         return -x
 
     x0 = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    sol = integrate(build_solver("ab2", steps=3), record, x0, torch.tensor([0.0, 1.0]))
+    solver = build_solver("ab2", steps=3, options={"schedule": "uniform"})
+    sol = integrate(solver, record, x0, torch.tensor([0.0, 1.0]))
     assert seen == pytest.approx([0, 1 / 3, 2 / 3])
     # By hand: an Euler step, then two uniform Adams-Bashforth 2 steps.
     h, x1 = 1 / 3, 1 - 1 / 3
@@ -192,6 +194,13 @@ def test_schedules_are_dense_at_the_same_end_when_time_runs_backwards():
     )
     # The forward grid 0, 0.4375, 0.75, 0.9375, 1 walked from 1 down to 0.
     assert seen == pytest.approx([1.0, 1 - 0.25**2, 1 - 0.5**2, 1 - 0.75**2])
+
+
+def test_one_evaluation_methods_default_to_the_shift_schedule():
+    # Measured best for them on the quality benchmark; Heun and the other RK methods are not.
+    for name in ("euler", "ab2"):
+        grid = build_solver(name, steps=4).grid(0.0, 1.0).tolist()
+        assert grid == pytest.approx([0, 0.1, 0.25, 0.5, 1])
 
 
 def test_an_unknown_schedule_is_a_clear_error():

@@ -93,9 +93,9 @@ def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):
          "--classifier-epochs", "1", "--keep", str(tmp_path / "runs"), "--json", str(out)]
     )  # fmt: skip
     printed = capsys.readouterr().out
-    assert "| MeanFlow | euler:1 | 1 |" in printed and "reflow at 4 NFE" in printed
+    assert "| MeanFlow | euler:1:schedule=uniform | 1 |" in printed and "reflow at 4 NFE" in printed
     result = json.loads(out.read_text())
     models = result["models"]
-    assert models["reflow (2-RF)"]["scores"]["euler:2"]["nfe"] == 2
+    assert models["reflow (2-RF)"]["scores"]["euler:2:schedule=uniform"]["nfe"] == 2
     assert models["flow matching"]["scores"]["ab2:8:schedule=edm"]["nfe"] == 8
     assert (tmp_path / "runs" / "pairs" / "meta.json").is_file()

@@ -108,6 +108,11 @@ class TrainConfig:
     time_scale: float | None = option(
         None, "logit_normal scale [default: the objective's].", min=0, min_open=True
     )
+    coupling: str | None = option(
+        None,
+        "Noise-image pairing of flow matching: independent, ot (minibatch optimal transport "
+        "over the global batch) or sinkhorn [default: the objective's; independent].",
+    )
     save_every: int | None = option(
         10, "Checkpoint every N epochs (0: off).", min=0, zero_is_none=True
     )
@@ -154,7 +159,7 @@ class TrainConfig:
 
 # Options of the flow-matching objective that also have train flags of their own (from before
 # objectives were plugins); they reach the objective when its factory takes them.
-OBJECTIVE_FLAGS = ("time_sampling", "time_loc", "time_scale")
+OBJECTIVE_FLAGS = ("time_sampling", "time_loc", "time_scale", "coupling")
 
 
 def objective_options(cfg: TrainConfig, accepts) -> dict:

@@ -65,19 +65,39 @@ class Draws:
         self.global_batch, self.rows, self.device = global_batch, rows, torch.device(device)
         self.calls = 0
 
-    def generator(self) -> torch.Generator:
-        """A fresh generator for the next draw (also for objectives that draw by themselves)."""
+    def generator(self, device: torch.device | str | None = None) -> torch.Generator:
+        """A fresh generator for the next draw (also for objectives that draw by themselves),
+        on `device` (default: the draws' device)."""
         key = f"{self.seed}:{self.step}:{self.stream}:{self.calls}".encode()
         self.calls += 1
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return torch.Generator(device=device or self.device).manual_seed(seed)
 
     def normal(self, *shape: int) -> Tensor:
         """(n, *shape) standard normal values for this micro-batch's n samples."""
-        full = torch.randn(
+        return self.normal_all(*shape)[self.rows]
+
+    def normal_all(self, *shape: int) -> Tensor:
+        """(B, *shape) the same draw for the whole global batch (couplings that look at other
+        samples' noise; `group_rows` says which rows each process holds)."""
+        return torch.randn(
             (self.global_batch, *shape), generator=self.generator(), device=self.device
         )
-        return full[self.rows]
+
+    def group_rows(self) -> list[slice]:
+        """The rows of this micro-batch on every process, in rank order (under torchrun each
+        rank holds a contiguous B / world share of the global batch, see EpochSampler; just
+        this micro-batch's rows without torchrun)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return [self.rows]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local = self.global_batch // world
+        return [
+            slice(self.rows.start + (r - rank) * local, self.rows.stop + (r - rank) * local)
+            for r in range(world)
+        ]
 
     def uniform(self, *shape: int) -> Tensor:
         """(n, *shape) values uniform in [0, 1) for this micro-batch's n samples."""

@@ -13,6 +13,7 @@ from fmkit.errors import FmkitError
 from fmkit.flow import TIME_SAMPLING, base_is_uniform, time_from_base
 from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
 from fmkit.path import ProbabilityPath
+from fmkit_plugins.coupling import COUPLINGS, SCOPES, couple
 
 
 # Lipman et al. 2023, "Flow Matching for Generative Modeling": regress the conditional
@@ -28,6 +29,10 @@ class FlowMatchingObjective(Objective):
         cond_dropout: probability of training a sample without its condition (for
             classifier-free guidance; unconditional data has none to drop).
         attribute_dropout: with attributes, the probability of leaving out each one.
+        coupling: how noise is paired with images: "independent", "ot" (minibatch optimal
+            transport, exact) or "sinkhorn" (entropic); see fmkit_plugins.coupling.
+        coupling_scope: "global" (every process's micro-batch together) or "local".
+        coupling_reg: Sinkhorn's entropy weight, relative to the mean squared distance.
     """
 
     def __init__(
@@ -38,18 +43,41 @@ class FlowMatchingObjective(Objective):
         time_scale: float = 1.0,
         cond_dropout: float = 0.1,
         attribute_dropout: float = 0.1,
+        coupling: str = "independent",
+        coupling_scope: str = "global",
+        coupling_reg: float = 0.05,
     ) -> None:
         self.path = path
         self.time_sampling = time_sampling
         self.time_loc, self.time_scale = time_loc, time_scale
         self.cond_dropout, self.attribute_dropout = cond_dropout, attribute_dropout
+        self.coupling, self.coupling_scope, self.coupling_reg = (
+            coupling,
+            coupling_scope,
+            coupling_reg,
+        )
 
     def loss(self, model: Model, batch: Batch, draws: Draws) -> Loss:
         x1 = batch.images  # (B, C, H, W)
-        x0 = draws.normal(*x1.shape[1:]).to(x1.dtype)
+        x0, logs = self.noise(x1, batch.cond, draws)
         base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()
         cond = drop_conditions(batch.cond, draws, self.cond_dropout, self.attribute_dropout)
-        return Loss(self.regress(model, x0, x1, self._times(base), cond))
+        return Loss(self.regress(model, x0, x1, self._times(base), cond), logs)
+
+    def noise(self, x1: Tensor, cond: Cond | None, draws: Draws) -> tuple[Tensor, dict]:
+        """(B, C, H, W) noise for the images x1, coupled as `coupling` says, and the logs."""
+        if self.coupling == "independent":
+            return draws.normal(*x1.shape[1:]).to(x1.dtype), {}
+        full = draws.normal_all(*x1.shape[1:]).to(x1.dtype)  # (global B, C, H, W)
+        groups = draws.group_rows() if self.coupling_scope == "global" else [draws.rows]
+        noise = torch.cat([full[rows] for rows in groups])
+        first = 0 if len(groups) == 1 else groups[0].stop - groups[0].start
+        first *= next(i for i, rows in enumerate(groups) if rows == draws.rows)
+        x0, seconds = couple(
+            noise, x1, first, cond, self.coupling, len(groups) > 1, self.coupling_reg,
+            draws.generator("cpu") if self.coupling == "sinkhorn" else None,
+        )  # fmt: skip
+        return x0, {"coupling_s": torch.tensor(seconds, device=x1.device)}
 
     def regress(self, model: Model, x0: Tensor, x1: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         """Mean squared error between the model's and the path's velocity at (x0, x1, t)."""
@@ -94,21 +122,29 @@ def flow_matching(
     time_scale: float = 1.0,
     cond_dropout: float = 0.1,
     attribute_dropout: float = 0.1,
+    coupling: Literal[COUPLINGS] = "independent",
+    coupling_scope: Literal[SCOPES] = "global",
+    coupling_reg: float = 0.05,
 ) -> FlowMatchingObjective:
-    """Flow matching (Lipman et al. 2023); options time sampling, condition dropout.
+    """Flow matching (Lipman et al. 2023); options time sampling, condition dropout, coupling.
 
     Options: time_sampling (logit_normal by default: the best final samples at equal steps in
     benchmarks/quality.py; uniform, edm), time_loc, time_scale; cond_dropout and
-    attribute_dropout for conditional training (classifier-free guidance).
+    attribute_dropout for conditional training (classifier-free guidance); coupling
+    (independent, ot, sinkhorn: minibatch optimal transport, Tong et al. 2024),
+    coupling_scope (global, local), coupling_reg.
     """
+    if coupling_reg <= 0:
+        raise ValueError(f"coupling_reg must be positive, got {coupling_reg}")
     if time_scale <= 0:
         raise ValueError(f"time_scale must be positive, got {time_scale}")
     for name, rate in (("cond_dropout", cond_dropout), ("attribute_dropout", attribute_dropout)):
         if not 0 <= rate < 1:
             raise ValueError(f"{name} must be in [0, 1), got {rate}")
     return FlowMatchingObjective(
-        path, time_sampling, time_loc, time_scale, cond_dropout, attribute_dropout
-    )
+        path, time_sampling, time_loc, time_scale, cond_dropout, attribute_dropout,
+        coupling, coupling_scope, coupling_reg,
+    )  # fmt: skip
 
 
 def reflow(

@@ -121,6 +121,22 @@ def test_two_processes_match_one_and_grad_accum(tmp_path, faces):
     assert_close(ref, weights(tmp_path / "accum" / "checkpoint_final.safetensors")[0])
 
 
+def test_global_ot_coupling_pairs_alike_on_two_processes_and_one(tmp_path, faces):
+    ot = ["--max-steps", 3, "--coupling", "ot"]
+    one = fmkit(*train_args(faces, tmp_path / "one", *ot))
+    assert one.returncode == 0, one.stderr
+    two = fmkit(*train_args(faces, tmp_path / "two", *ot), procs=2)
+    assert two.returncode == 0, two.stderr
+    ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
+    assert_close(ref, weights(tmp_path / "two" / "checkpoint_final.safetensors")[0])
+    # The local scope couples within each process's half only: other pairs, other weights.
+    local = ["--objective-opt", "coupling_scope=local"]
+    two_local = fmkit(*train_args(faces, tmp_path / "local", *ot, *local), procs=2)
+    assert two_local.returncode == 0, two_local.stderr
+    got, _ = weights(tmp_path / "local" / "checkpoint_final.safetensors")
+    assert any(not torch.allclose(ref[k], got[k], rtol=1e-4, atol=1e-5) for k in ref)
+
+
 def test_meanflow_trains_under_ddp_like_on_one_process(tmp_path, faces):
     # Its Jacobian-vector product runs through DistributedDataParallel's forward.
     extra = ["--max-steps", 3, "--objective", "meanflow", "--backbone-opt", "two_times=true"]

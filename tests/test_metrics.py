@@ -99,3 +99,12 @@ def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):
     assert models["reflow (2-RF)"]["scores"]["euler:2:schedule=uniform"]["nfe"] == 2
     assert models["flow matching"]["scores"]["ab2:8:schedule=edm"]["nfe"] == 8
     assert (tmp_path / "runs" / "pairs" / "meta.json").is_file()
+
+
+def test_coupling_benchmark_runs_end_to_end(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("coupling", REPO / "benchmarks" / "coupling.py")
+    coupling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(coupling)
+    coupling.main(["--part", "quality", "--steps", "2", "--parallel", "1"])
+    printed = capsys.readouterr().out
+    assert "| independent |" in printed and "| ot |" in printed and "| sinkhorn |" in printed

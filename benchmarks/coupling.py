@@ -58,7 +58,7 @@ def run(args: tuple[Path, str, int]) -> Path:
     return final
 
 
-def part_quality(work: Path, steps: int, parallel: int) -> None:
+def part_quality(work: Path, steps: int, parallel: int, samples: int, epochs: int) -> None:
     quality = load("quality")
     images, labels = quality.digits()
     (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
@@ -76,7 +76,7 @@ def part_quality(work: Path, steps: int, parallel: int) -> None:
     noise = torch.randn(
         256, 3, quality.SIZE, quality.SIZE, generator=torch.Generator().manual_seed(1)
     )
-    print(f"\n## Coupling at {steps} steps (digits, EMA weights, 256 samples, floor {floor:.1f})\n")
+    print(f"\n## Coupling at {steps} steps (digits, EMA, {samples} samples, floor {floor:.1f})\n")
     print("| coupling | dopri5 NFE | dopri5 | straightness | Euler 4 | Euler 8 | Euler 20 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for coupling, final in zip(COUPLINGS, finals, strict=True):
@@ -129,6 +129,8 @@ def main(argv=None) -> None:
     parser.add_argument("--part", default="quality,time")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--classifier-epochs", type=int, default=40)
     parser.add_argument("--keep", type=Path, help="keep (and reuse) the runs here")
     args = parser.parse_args(argv)
     parts = args.part.split(",")
@@ -136,7 +138,7 @@ def main(argv=None) -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "quality" in parts:
-            part_quality(work, args.steps, args.parallel)
+            part_quality(work, args.steps, args.parallel, args.samples, args.classifier_epochs)
         if "time" in parts:
             part_time()
 

@@ -105,6 +105,7 @@ def test_coupling_benchmark_runs_end_to_end(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("coupling", REPO / "benchmarks" / "coupling.py")
     coupling = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(coupling)
-    coupling.main(["--part", "quality", "--steps", "2", "--parallel", "1"])
+    coupling.main(["--part", "quality", "--steps", "2", "--parallel", "1", "--samples", "16",
+                   "--classifier-epochs", "1"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "| independent |" in printed and "| ot |" in printed and "| sinkhorn |" in printed

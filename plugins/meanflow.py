@@ -138,7 +138,7 @@ def meanflow(
     equal_fraction: float = 0.75,
     adaptive_p: float = 1.0,
     cond_dropout: float = 0.1,
-    attribute_dropout: float = 0.1,
+    attribute_dropout: float = 0.5,
 ) -> MeanFlowObjective:
     """MeanFlow (Geng et al. 2025), one-step generation; needs a backbone with two_times=true.
 

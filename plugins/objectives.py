@@ -42,7 +42,7 @@ class FlowMatchingObjective(Objective):
         time_loc: float = 0.0,
         time_scale: float = 1.0,
         cond_dropout: float = 0.1,
-        attribute_dropout: float = 0.1,
+        attribute_dropout: float = 0.5,
         coupling: str = "independent",
         coupling_scope: str = "global",
         coupling_reg: float = 0.05,
@@ -121,7 +121,7 @@ def flow_matching(
     time_loc: float = 0.0,
     time_scale: float = 1.0,
     cond_dropout: float = 0.1,
-    attribute_dropout: float = 0.1,
+    attribute_dropout: float = 0.5,
     coupling: Literal[COUPLINGS] = "independent",
     coupling_scope: Literal[SCOPES] = "global",
     coupling_reg: float = 0.05,
@@ -154,7 +154,7 @@ def reflow(
     time_loc: float = 0.0,
     time_scale: float = 1.0,
     cond_dropout: float = 0.1,
-    attribute_dropout: float = 0.1,
+    attribute_dropout: float = 0.5,
 ) -> ReflowObjective:
     """Reflow (Liu et al. 2023) on pairs from `fmkit reflow`; flow matching's options."""
     plain = flow_matching(

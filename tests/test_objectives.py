@@ -136,9 +136,11 @@ def test_a_plugin_objective_trains_a_conditional_backbone_and_samples(tmp_path, 
     args += ["--num-samples", 2, "--sample-steps", 2, "--output", out]
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
-    # The backbone was called with the dataset's labels (red 0, blue 1) during training.
+    # The backbone was called with the dataset's labels (red 0, blue 1) during training (and
+    # with -1, unspecified, in the unconditional half of the guided grid at the end).
     trained_on = [c for c in ToyConditional.seen if c is not None]
-    assert trained_on and all(set(c) <= {0, 1} for c in trained_on)
+    assert trained_on and all(set(c) <= {0, 1, -1} for c in trained_on)
+    assert sum(set(c) <= {0, 1} for c in trained_on) >= 2
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all("unweighted" in r and r["loss"] > 0 for r in rows)
     _, meta = checkpoint.load(out / "checkpoint_final.safetensors")

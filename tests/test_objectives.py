@@ -152,7 +152,7 @@ def test_a_plugin_objective_trains_a_conditional_backbone_and_samples(tmp_path, 
     assert generator.data.condition.names == ("red", "blue")
     ToyConditional.seen.clear()
     cond = {"class": torch.tensor([1, 0, 1])}
-    samples = generator.sample(3, cond=cond, solver="euler", steps=2)
+    samples = generator.sample(3, cond=cond, solver="euler", steps=2, guidance=1.0)
     assert samples.images.shape == (3, 3, 8, 8) and samples.nfe == [2]
     assert ToyConditional.seen == [[1, 0, 1], [1, 0, 1]]
     assert run_cli("sample", "--checkpoint", out, "--num-samples", 2, "--steps", 2,

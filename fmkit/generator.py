@@ -37,7 +37,7 @@ CONFIG, WEIGHTS = "config.json", "model.safetensors"
 GUIDANCE, GUIDANCE_INTERVAL = 1.5, (0.2, 0.8)
 # Sampling unless asked otherwise: Adams-Bashforth 2 on the shift schedule came within 1% of
 # dopri5 (200 NFE) at 20 steps, and within 1% at 8, on the quality benchmark (benchmarks.md,
-# "Few-step sampling").
+# "Without mirrored digits" and "Few-step generation").
 SAMPLE_SOLVER, SAMPLE_STEPS = "ab2", 20
 FORMAT = "fmkit-generator"
 

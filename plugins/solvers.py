@@ -210,7 +210,7 @@ GRID = "options steps, schedule (uniform, power, shift, edm), power, shift, rho"
 SOLVERS = {
     # One-evaluation-per-step methods default to SD3's shift (3): it gave them lower Fréchet
     # distances than a uniform grid at 4 to 20 steps on the quality benchmark, while it made
-    # Heun worse there (docs/benchmarks.md, "Few-step sampling"), so the others stay uniform.
+    # Heun worse there (docs/benchmarks.md, "Without mirrored digits"); the others stay uniform.
     "euler": _fixed("euler", f"Euler, first order, 1 NFE per step; {GRID}.", None, "shift"),
     "ab2": _fixed(
         "ab2",

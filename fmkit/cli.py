@@ -132,6 +132,23 @@ def _opt_flag(kind: str, help: str | None = None):
     )
 
 
+def _solver_flags(solver: str, steps: int):
+    """--solver, --steps and --solver-opt, the same on every command that integrates."""
+
+    def add(func):
+        func = _opt_flag("solver")(func)
+        func = click.option(
+            "--steps", default=steps, show_default=True, type=click.IntRange(1),
+            help="Steps of a fixed-step solver.",
+        )(func)  # fmt: skip
+        return click.option(
+            "--solver", default=solver, show_default=True,
+            help="Registered solver (fmkit list solvers).",
+        )(func)  # fmt: skip
+
+    return add
+
+
 def _config_flag(f) -> typing.Callable:
     """The click option of one TrainConfig field, from its type and metadata."""
     meta, name = f.metadata, f.name
@@ -207,20 +224,7 @@ _CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or ex
     type=click.Path(exists=True, path_type=Path),
     help=_CHECKPOINT_HELP,
 )
-@click.option(
-    "--solver",
-    default=SAMPLE_SOLVER,
-    show_default=True,
-    help="Registered solver (fmkit list solvers).",
-)
-@click.option(
-    "--steps",
-    default=SAMPLE_STEPS,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Steps of a fixed-step solver.",
-)
-@_opt_flag("solver")
+@_solver_flags(SAMPLE_SOLVER, SAMPLE_STEPS)
 @click.option("--num-samples", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -314,17 +318,7 @@ def sample_command(
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pair folder."
 )
-@click.option(
-    "--solver", default="dopri5", show_default=True, help="Registered solver (fmkit list solvers)."
-)
-@click.option(
-    "--steps",
-    default=100,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Steps of a fixed-step solver.",
-)
-@_opt_flag("solver")
+@_solver_flags("dopri5", 100)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds every pair's noise.")
 @click.option(
@@ -525,15 +519,7 @@ def _setup(common: dict):
 
 @eval_group.command("fid")
 @_eval_options
-@click.option("--solver", default="dopri5", show_default=True)
-@click.option(
-    "--steps",
-    default=100,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Steps of a fixed-step solver.",
-)
-@_opt_flag("solver")
+@_solver_flags("dopri5", 100)
 @click.option(
     "--json",
     "json_out",

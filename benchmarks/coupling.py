@@ -1,6 +1,7 @@
 """Minibatch optimal-transport coupling against independent noise.
 
     python benchmarks/coupling.py --part quality --steps 800   # digits, equal steps
+    python benchmarks/coupling.py --part quality --batch 128 --couplings independent,ot
     python benchmarks/coupling.py --part time                  # the assignment's cost
 
 quality  the quality benchmark's digits and UNet trained with --coupling independent, ot and
@@ -9,9 +10,10 @@ quality  the quality benchmark's digits and UNet trained with --coupling indepen
          straightness of sampled paths (mean squared deviation of a 20-step Euler trajectory
          from the straight line between its ends, per pixel), and the Fréchet distance at
          Euler 4, 8 and 20 on the uniform grid.
-time     seconds per assignment (CPU, this machine) of the exact and the entropic coupling at
-         global batch 128, 512 and 2,048 of 64x64 RGB images, beside the training step of the
-         35.7M UNet at batch 512 on an H200 (docs/benchmarks.md, GPU section: 1,495 img/s).
+time     seconds (CPU, this machine) for the squared-distance matrix and for solving the exact
+         and the entropic coupling at global batch 128, 512 and 2,048 of 64x64 RGB images,
+         beside the training step of the 35.7M UNet on an H200 at the same batch
+         (docs/benchmarks.md, GPU section: 1,495 img/s).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from fmkit.config import TrainConfig
 from fmkit.metrics import feature_distance
 from fmkit.solver import solver_from_spec
 from fmkit.train import train
-from fmkit_plugins.coupling import couple
+from fmkit_plugins.coupling import assignment, sinkhorn_draw
 
 HERE = Path(__file__).resolve().parent
 COUPLINGS = ("independent", "ot", "sinkhorn")
@@ -46,40 +48,52 @@ def load(name: str):
     return module
 
 
-def run(args: tuple[Path, str, int]) -> Path:
-    work, coupling, steps = args
+def run(args: tuple[Path, str, int, int]) -> Path:
+    work, coupling, steps, batch = args
     quality = load("quality")
-    out = work / coupling
+    out = work / f"{coupling}-b{batch}"
     final = out / "checkpoint_final.safetensors"
     if not final.is_file():
         torch.set_num_threads(1)
         cfg = {**quality.BASE, "data_dir": str(work / "data"), "output": str(out)}
+        cfg["batch_size"] = batch
         train(TrainConfig(**cfg, max_steps=steps, coupling=coupling), progress=False)
     return final
 
 
-def part_quality(work: Path, steps: int, parallel: int, samples: int, epochs: int) -> None:
+def part_quality(
+    work: Path,
+    steps: int,
+    batch: int,
+    couplings: list[str],
+    parallel: int,
+    samples: int,
+    epochs: int,
+) -> None:
     quality = load("quality")
     images, labels = quality.digits()
     (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     if not (work / "data" / "meta.json").is_file():
         quality.write_training_set(gen_x, work / "data")
-    jobs = [(work, c, steps) for c in COUPLINGS]
+    jobs = [(work, c, steps, batch) for c in couplings]
     if parallel > 1:
         with multiprocessing.get_context("spawn").Pool(parallel) as pool:
             finals = pool.map(run, jobs)
     else:
         finals = [run(job) for job in jobs]
-    classifier = quality.train_classifier(cls_x, cls_y)
+    classifier = quality.train_classifier(cls_x, cls_y, epochs)
     reference = quality.features(classifier, gen_x)
-    floor = feature_distance(quality.features(classifier, floor_x[:256]), reference)
+    floor = feature_distance(quality.features(classifier, floor_x[:samples]), reference)
     noise = torch.randn(
-        256, 3, quality.SIZE, quality.SIZE, generator=torch.Generator().manual_seed(1)
+        samples, 3, quality.SIZE, quality.SIZE, generator=torch.Generator().manual_seed(1)
     )
-    print(f"\n## Coupling at {steps} steps (digits, EMA, {samples} samples, floor {floor:.1f})\n")
+    print(
+        f"\n## Coupling at {steps} steps, batch {batch} "
+        f"(digits, EMA, {samples} samples, floor {floor:.1f})\n"
+    )
     print("| coupling | dopri5 NFE | dopri5 | straightness | Euler 4 | Euler 8 | Euler 20 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for coupling, final in zip(COUPLINGS, finals, strict=True):
+    for coupling, final in zip(couplings, finals, strict=True):
         model = Generator.load(final)
         cells = []
         dopri = model.generate(noise, solver_from_spec("dopri5"))
@@ -101,25 +115,29 @@ def fd(quality, classifier, reference, x) -> float:
 
 
 def part_time() -> None:
+    """The coupling's two parts timed apart: the squared-distance rows are computed where the
+    images are (the GPU in a GPU run); the assignment itself always runs on the CPU."""
     step_s = 512 / H200_IMAGES_PER_S
     print("\n## Assignment time (CPU, 64x64 RGB; one process)\n")
-    print("| global batch | ot (s) | sinkhorn (s) | ot / H200 step at this batch |")
-    print("| --- | --- | --- | --- |")
+    print("| global batch | cost matrix (s) | ot solve (s) | sinkhorn solve (s) "
+          "| ot solve / H200 step | cost + ot / H200 step |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
+    assignment(torch.rand(8, 8, dtype=torch.float64))  # imports scipy: not the solve's time
     for batch in (128, 512, 2048):
         g = torch.Generator().manual_seed(0)
-        x1, noise = (
-            torch.randn(batch, 3, 64, 64, generator=g),
-            torch.randn(batch, 3, 64, 64, generator=g),
-        )
-        seconds = {}
-        for method in ("ot", "sinkhorn"):
-            couple(noise[:8], x1[:8], 0, None, method, False, 0.05, torch.Generator())  # warm
-            start = time.perf_counter()
-            couple(noise, x1, 0, None, method, False, 0.05, torch.Generator())
-            seconds[method] = time.perf_counter() - start
+        x1, noise = (torch.randn(batch, 3 * 64 * 64, generator=g) for _ in range(2))
+        start = time.perf_counter()
+        cost = torch.cdist(x1.double(), noise.double()) ** 2  # as couple() computes it
+        cost_s = time.perf_counter() - start
+        start = time.perf_counter()
+        assignment(cost)
+        ot_s = time.perf_counter() - start
+        start = time.perf_counter()
+        sinkhorn_draw(cost, 0.05, torch.Generator().manual_seed(0))
+        sinkhorn_s = time.perf_counter() - start
         step = step_s * batch / 512
-        print(f"| {batch} | {seconds['ot']:.3f} | {seconds['sinkhorn']:.3f} | "
-              f"{seconds['ot'] / step:.2f} |", flush=True)  # fmt: skip
+        print(f"| {batch} | {cost_s:.3f} | {ot_s:.3f} | {sinkhorn_s:.3f} | {ot_s / step:.3f} "
+              f"| {(cost_s + ot_s) / step:.2f} |", flush=True)  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -128,6 +146,8 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--part", default="quality,time")
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=64, help="training batch = OT group")
+    parser.add_argument("--couplings", default=",".join(COUPLINGS))
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--classifier-epochs", type=int, default=40)
@@ -138,7 +158,15 @@ def main(argv=None) -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "quality" in parts:
-            part_quality(work, args.steps, args.parallel, args.samples, args.classifier_epochs)
+            part_quality(
+                work,
+                args.steps,
+                args.batch,
+                args.couplings.split(","),
+                args.parallel,
+                args.samples,
+                args.classifier_epochs,
+            )
         if "time" in parts:
             part_time()
 

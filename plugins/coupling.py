@@ -59,9 +59,9 @@ def couple(
         members = (keys == key).nonzero().flatten()
         block = cost[members][:, members]
         if method == "ot":
-            picked = _assignment(block)
+            picked = assignment(block)
         else:
-            picked = _sinkhorn_draw(block, reg, generator)
+            picked = sinkhorn_draw(block, reg, generator)
         choice[members] = members[picked]
     mine = choice[first : first + len(x1)].to(noise.device)
     return noise[mine], time.perf_counter() - start
@@ -87,7 +87,7 @@ def _condition_ids(cond: Cond | None, n: int, device, spread: bool) -> Tensor:
     return torch.unique(_gather(local, spread).cpu(), dim=0, return_inverse=True)[1]
 
 
-def _assignment(cost: Tensor) -> Tensor:
+def assignment(cost: Tensor) -> Tensor:
     """(n,) the noise index for each image minimising the total cost (Hungarian / LAPJV)."""
     from scipy.optimize import linear_sum_assignment
 
@@ -97,7 +97,7 @@ def _assignment(cost: Tensor) -> Tensor:
     return picked
 
 
-def _sinkhorn_draw(cost: Tensor, reg: float, generator, iterations: int = 200) -> Tensor:
+def sinkhorn_draw(cost: Tensor, reg: float, generator, iterations: int = 200) -> Tensor:
     """(n,) a noise index for each image drawn from its row of the entropic OT plan with
     uniform marginals (Cuturi 2013, "Sinkhorn Distances"), computed in the log domain."""
     n = cost.shape[0]

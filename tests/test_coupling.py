@@ -10,7 +10,7 @@ from conftest import one_line_error, train_args
 
 from fmkit import Batch, registry
 from fmkit.objective import Draws
-from fmkit_plugins.coupling import _assignment, couple
+from fmkit_plugins.coupling import assignment, couple
 
 
 def total(cost, picked):
@@ -21,7 +21,7 @@ def total(cost, picked):
 def test_the_exact_assignment_is_the_brute_force_optimum(seed):
     cost = torch.rand(6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     best = min(total(cost, torch.tensor(p)) for p in itertools.permutations(range(6)))
-    picked = _assignment(cost)
+    picked = assignment(cost)
     assert sorted(picked.tolist()) == list(range(6))  # a permutation: every noise used once
     assert total(cost, picked) == pytest.approx(best)
 

@@ -419,24 +419,57 @@ def list_conditions_command(ckpt: Path) -> None:
     "ckpt",
     required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="Checkpoint file or run directory (its newest checkpoint).",
+    help=_CHECKPOINT_HELP,
 )
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder."
 )
-@click.option("--fp16", is_flag=True, help="Store the weights in float16 (half the size).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["fmkit", "diffusers", "onnx"]),
+    default="fmkit",
+    show_default=True,
+    help="fmkit: weights-only folder; diffusers: UNet2DModel + flow-matching scheduler; "
+    "onnx: the velocity network for onnxruntime.",
+)
+@click.option("--fp16", is_flag=True, help="fmkit format: store the weights in float16.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Export the EMA weights.")
-def export_command(ckpt: Path, out: Path, fp16: bool, ema: bool) -> None:
-    """Write a weights-only model folder (config.json + model.safetensors): no optimizer or
-    training state; `fmkit sample --checkpoint DIR` and `Generator.from_pretrained(DIR)` read it.
+@click.option(
+    "--batch-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="onnx format: the graph's fixed batch size.",
+)
+def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch_size: int) -> None:
+    """Export a trained model: a weights-only fmkit folder (config.json + model.safetensors,
+    what `fmkit sample --checkpoint DIR` and `Generator.from_pretrained` read), a diffusers
+    folder, or an ONNX graph. The diffusers and ONNX exports are loaded back with their own
+    runtime and checked against fmkit's velocity (docs/export.md).
     """
-    generator = Generator.from_checkpoint(ckpt, ema=ema)
-    generator.save_pretrained(out, fp16=fp16)
-    count = sum(p.numel() for p in generator.module.parameters())
-    size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+    from fmkit.export import export_diffusers, export_onnx
+
+    if fp16 and fmt != "fmkit":
+        raise FmkitError("--fp16 applies to --format fmkit only")
+    generator = Generator.load(ckpt, ema=ema)
+    if fmt == "fmkit":
+        generator.save_pretrained(out, fp16=fp16)
+        count = sum(p.numel() for p in generator.module.parameters())
+        size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
+        click.echo(
+            f"wrote {out}/config.json and model.safetensors ({count:,} parameters, "
+            f"{'float16' if fp16 else 'float32'}, {size:.1f} MiB)"
+        )
+        return
+    if fmt == "diffusers":
+        report = export_diffusers(generator, out)
+    else:
+        report = export_onnx(generator, out, batch_size)
+    click.echo(f"wrote {len(report.files)} files to {out} (see {out / 'README.md'})")
     click.echo(
-        f"wrote {out}/config.json and model.safetensors ({count:,} parameters, "
-        f"{'float16' if fp16 else 'float32'}, {size:.1f} MiB)"
+        f"checked: the exported model's velocity matches fmkit's to {report.relative_error:.1e} "
+        f"(relative)"
     )
 
 

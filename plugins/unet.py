@@ -228,6 +228,20 @@ class UNet(nn.Module):
         if time_emb_dim < 2:
             raise FmkitError("unet: time_emb_dim must be at least 2")
         sizes = check_image_size(image_size, channel_mult, attn_resolutions)
+        # What the model was built with, for exporters (fmkit_plugins.unet_diffusers).
+        self.arch = dict(
+            in_channels=in_channels,
+            time_emb_dim=time_emb_dim,
+            base_channels=base_channels,
+            channel_mult=tuple(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attn_levels=tuple(size in attn_resolutions for size in sizes),
+            dropout=dropout,
+            num_heads=num_heads,
+            image_size=image_size,
+            scale_shift=scale_shift,
+            two_times=two_times,
+        )
         self.time_emb_dim = time_emb_dim
         emb = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(time_emb_dim, emb), nn.SiLU(), nn.Linear(emb, emb))
@@ -318,6 +332,13 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = self._run(layers, h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+    def to_diffusers(self) -> tuple[dict, dict[str, Tensor]]:
+        """This model as a diffusers `UNet2DModel`: its config and state dict (exact mapping;
+        an FmkitError names what cannot be mapped). See fmkit_plugins.unet_diffusers."""
+        from fmkit_plugins.unet_diffusers import to_diffusers
+
+        return to_diffusers(self)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:

@@ -1,0 +1,280 @@
+"""Exports of a Generator for other runtimes: a diffusers folder and an ONNX velocity network.
+
+Both are checked on export: the exported model is loaded back with its own runtime and its
+velocity compared with fmkit's on the same random inputs; above the tolerance the export fails.
+`Generator.save_pretrained` (fmkit's own weights-only folder) is the third format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fmkit.batch import UNSPECIFIED, Cond
+from fmkit.errors import FmkitError
+from fmkit.generator import Generator
+
+DIFFUSERS_TOLERANCE = 1e-5  # relative, fp32: the mapping is exact, only rounding differs
+ONNX_TOLERANCE = 1e-4
+TIMESTEPS = 1000  # diffusers' timestep = 1000 t, as the built-in UNet's time embedding scales t
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how closely the exported model matched fmkit's."""
+
+    files: list[Path]
+    relative_error: float
+
+
+def export_diffusers(generator: Generator, out: Path) -> ExportReport:
+    """Write `out/unet` (UNet2DModel), `out/scheduler` (FlowMatchEulerDiscreteScheduler in fmkit's
+    time convention), `out/model_index.json` for unconditional models (a DDPMPipeline runs it
+    as is) and `out/README.md`; the backbone must provide `to_diffusers()`."""
+    diffusers = _require("diffusers", "diffusers")
+    mapping = getattr(generator.module, "to_diffusers", None)
+    if mapping is None:
+        raise FmkitError(
+            f"export: backbone {generator.spec.backbone!r} has no diffusers mapping (a backbone "
+            f"provides one with a to_diffusers() method); --format onnx works for any backbone"
+        )
+    config, state = mapping()
+    unet = diffusers.UNet2DModel(**config)
+    unet.load_state_dict(state, strict=True)
+    # t = 0 is noise in fmkit and the network is fed 1000 t; diffusers' flow-matching scheduler
+    # walks sigma from 1 (noise) to 0. invert_sigmas makes it hand the model 1000 (1 - sigma)
+    # and step x += (t_next - t) * v: fmkit's Euler, with no change to the weights.
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=TIMESTEPS, shift=1.0, invert_sigmas=True
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    unconditional = generator.data.condition.kind == "none"
+    if unconditional:
+        diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out)
+    else:
+        unet.save_pretrained(out / "unet")
+        scheduler.save_pretrained(out / "scheduler")
+    (out / "README.md").write_text(_diffusers_note(generator, unconditional))
+    loaded = diffusers.UNet2DModel.from_pretrained(out / "unet", low_cpu_mem_usage=False).eval()
+    x, t, cond = example_inputs(generator, 4)
+    labels = diffusers_labels(generator, cond)
+    with torch.no_grad():
+        theirs = loaded(x, TIMESTEPS * t, class_labels=labels).sample
+    error = _relative(theirs, _velocity(generator, x, t, cond))
+    if error > DIFFUSERS_TOLERANCE:
+        raise FmkitError(
+            f"export: the diffusers model differs from fmkit's by {error:.1e} (relative; "
+            f"tolerance {DIFFUSERS_TOLERANCE:.0e})"
+        )
+    return ExportReport(sorted(p for p in out.rglob("*") if p.is_file()), error)
+
+
+def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportReport:
+    """Write `out/model.onnx`: velocity = f(x (B, C, H, W), t (B,)[, class (B,) | attributes
+    (B, K)]) at a fixed batch and resolution, int64 labels with -1 for unspecified, plus
+    `out/README.md`; checked with onnxruntime on the CPU."""
+    _require("onnx", "onnx")
+    _require("onnxscript", "onnxscript")
+    ort = _require("onnxruntime", "onnxruntime")
+    if batch_size < 1:
+        raise FmkitError("export: --batch-size must be at least 1")
+    x, t, cond = example_inputs(generator, batch_size)
+    names = ["x", "t", *(cond or {})]
+    wrapper = _Velocity(generator.module.float().cpu().eval(), list(cond or {})).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    args = (x, t, *(cond or {}).values())
+    try:
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=names,
+            output_names=["velocity"],
+            dynamo=True,
+            external_data=False,  # one self-contained file (models under 2 GB)
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter's own errors are long; say which model failed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FmkitError(
+            f"export: ONNX export of {generator.spec.backbone!r} failed: {first}"
+        ) from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {name: value.numpy() for name, value in zip(names, args, strict=True)}
+    theirs = torch.from_numpy(session.run(None, feed)[0])
+    error = _relative(theirs, _velocity(generator, x, t, cond))
+    if error > ONNX_TOLERANCE:
+        raise FmkitError(
+            f"export: onnxruntime differs from PyTorch by {error:.1e} (relative; tolerance "
+            f"{ONNX_TOLERANCE:.0e})"
+        )
+    (out / "README.md").write_text(_onnx_note(generator, names, batch_size))
+    return ExportReport([path, out / "README.md"], error)
+
+
+def example_inputs(generator: Generator, n: int) -> tuple[Tensor, Tensor, Cond | None]:
+    """Random checking inputs: (n, C, H, W) states, (n,) times spread over [0, 1], and
+    conditions with every state (values and unspecified) present."""
+    g = torch.Generator().manual_seed(0)
+    data = generator.data
+    x = torch.randn(n, data.channels, data.image_size, data.image_size, generator=g)
+    t = torch.linspace(0, 1, n) if n > 1 else torch.tensor([0.5])
+    condition = data.condition
+    if condition.kind == "class":
+        labels = torch.randint(-1, condition.size, (n,), generator=g)
+        return x, t, {"class": labels}
+    if condition.kind == "attributes":
+        return x, t, {"attributes": torch.randint(-1, 2, (n, condition.size), generator=g)}
+    return x, t, None
+
+
+def diffusers_labels(generator: Generator, cond: Cond | None) -> Tensor | None:
+    """fmkit conditions -> the exported UNet2DModel's `class_labels` (see its README.md)."""
+    if cond is None:
+        return None
+    condition = generator.data.condition
+    if "class" in cond:
+        labels = cond["class"].long()
+        return torch.where(labels == UNSPECIFIED, condition.size, labels)
+    states = cond["attributes"].long()
+    states = torch.where(states == UNSPECIFIED, 2, states)  # (B, K): off 0, on 1, unspecified 2
+    return (states * 3 ** torch.arange(condition.size)).sum(1)
+
+
+class _Velocity(nn.Module):
+    """The backbone with its conditions as positional tensors (what an ONNX graph takes)."""
+
+    def __init__(self, module: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.module, self.keys = module, keys
+
+    def forward(self, x: Tensor, t: Tensor, *labels: Tensor) -> Tensor:
+        cond = dict(zip(self.keys, labels, strict=True)) if self.keys else None
+        return self.module(x, t, cond) if cond is not None else self.module(x, t)
+
+
+def _velocity(generator: Generator, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+    with torch.no_grad():
+        return _Velocity(generator.module, list(cond or {}))(x, t, *(cond or {}).values())
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _require(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise FmkitError(
+            f"export: this format needs {package}: pip install 'fmkit[export]'"
+        ) from None
+
+
+def _conditions_text(generator: Generator, diffusers: bool) -> str:
+    condition = generator.data.condition
+    if condition.kind == "class":
+        names = ", ".join(f"{i} {name}" for i, name in enumerate(condition.names))
+        unspecified = condition.size if diffusers else -1
+        return (
+            f"Class-conditional: pass the class index ({names}), or {unspecified} for "
+            f'"unspecified" (the model\'s unconditional half, used by guidance).'
+        )
+    if condition.kind == "attributes":
+        names = ", ".join(f"{k} {name}" for k, name in enumerate(condition.names))
+        if diffusers:
+            return (
+                f"Attribute-conditional ({names}): pass `class_labels` = sum over k of "
+                f"state_k * 3**k, with state 0 off, 1 on, 2 unspecified; all unspecified "
+                f"({3**condition.size - 1}) is the unconditional model."
+            )
+        return (
+            f"Attribute-conditional ({names}): `attributes` is (B, {condition.size}) int64, "
+            f"1 on, 0 off, -1 unspecified; all -1 is the unconditional model."
+        )
+    return "Unconditional."
+
+
+def _diffusers_note(generator: Generator, unconditional: bool) -> str:
+    spec = generator.spec
+    size, channels = generator.data.image_size, generator.data.channels
+    labels = "" if unconditional else ", class_labels=labels"
+    pipeline = (
+        "\n```python\nfrom diffusers import DiffusionPipeline\n\n"
+        'pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER")  # DDPMPipeline\n'
+        "images = pipe(batch_size=8, num_inference_steps=20).images  # PIL images\n```\n"
+        if unconditional
+        else ""
+    )
+    return f"""# fmkit model exported for diffusers
+
+Backbone `{spec.backbone}` trained with fmkit ({spec.objective} objective), {channels} x {size}
+x {size} images in [-1, 1]. `unet/` is a diffusers `UNet2DModel`, `scheduler/` a
+`FlowMatchEulerDiscreteScheduler`.
+
+## Time convention
+
+fmkit's time runs the other way from diffusers': t = 0 is noise and t = 1 is data, the path is
+x_t = t x_data + (1 - t) x_noise, and the network outputs the velocity dx/dt (data minus noise).
+The UNet takes `timestep` = 1000 t. The scheduler is configured with `invert_sigmas=True`,
+which makes it pass `timestep` = 1000 (1 - sigma) and step x <- x + (t_next - t) v, so the
+usual diffusers loop runs fmkit's Euler sampler unchanged.
+
+{_conditions_text(generator, diffusers=True)}
+{pipeline}
+## A sampling loop
+
+```python
+import numpy as np, torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+unet = UNet2DModel.from_pretrained("THIS_FOLDER/unet")
+scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("THIS_FOLDER/scheduler")
+steps = 20
+# fmkit's uniform Euler grid; for fmkit's default "shift" grid use s * 3 / (1 + 2 * s).
+scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
+x = torch.randn(8, {channels}, {size}, {size})
+with torch.no_grad():
+    for timestep in scheduler.timesteps:
+        v = unet(x, timestep{labels}).sample
+        x = scheduler.step(v, timestep, x).prev_sample
+images = (x.clamp(-1, 1) + 1) / 2  # [0, 1]
+```
+
+Guidance, as in `fmkit sample --guidance w`: v = v_uncond + w (v_cond - v_uncond), with
+v_uncond from the "unspecified" labels.
+"""
+
+
+def _onnx_note(generator: Generator, names: list[str], batch_size: int) -> str:
+    data = generator.data
+    shape = f"({batch_size}, {data.channels}, {data.image_size}, {data.image_size})"
+    return f"""# fmkit velocity network in ONNX
+
+`model.onnx` computes the velocity of backbone `{generator.spec.backbone}`
+({generator.spec.objective} objective) at a fixed batch of {batch_size}: inputs
+{", ".join(f"`{n}`" for n in names)}; `x` is {shape} float32, `t` ({batch_size},) float32 in
+[0, 1] with t = 0 noise and t = 1 data; output `velocity` shaped like `x`.
+
+{_conditions_text(generator, diffusers=False)}
+
+Sample by integrating dx/dt = velocity from t = 0 (x = standard normal noise) to t = 1, e.g.
+Euler: x <- x + (t_next - t) velocity(x, t). Images are in [-1, 1].
+
+```python
+import numpy as np, onnxruntime as ort
+
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+x = np.random.randn(*{shape}).astype(np.float32)
+grid = np.linspace(0, 1, 21, dtype=np.float32)
+for t, t_next in zip(grid[:-1], grid[1:]):
+    feed = {{"x": x, "t": np.full({batch_size}, t, np.float32)}}  # + conditions, if any
+    x = x + (t_next - t) * session.run(None, feed)[0]
+```
+"""

@@ -473,6 +473,37 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
     )
 
 
+@cli.command("demo")
+@click.option(
+    "--checkpoint",
+    "ckpt",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help=_CHECKPOINT_HELP,
+)
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to serve on (loopback)."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def demo_command(ckpt: Path, port: int, host: str, device: str) -> None:
+    """Serve a web page that generates images from a trained model on a click: seed, solver,
+    steps, guidance and, for a conditional model, each attribute or the class; shows the
+    images, the NFE, the time taken and the trajectory from noise to image (docs/export.md)."""
+    from fmkit.demo import serve
+
+    generator = Generator.load(ckpt, device=resolve_device(device))
+    server = serve(generator, host, port)
+    url_host, url_port = server.server_address[:2]
+    click.echo(f"fmkit demo: http://{url_host}:{url_port}/  (Ctrl+C stops it)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 @cli.group("eval")
 def eval_group() -> None:
     """Measure a checkpoint: FID/KID/precision-recall, a solver sweep, or bits/dim."""

@@ -109,3 +109,13 @@ def test_coupling_benchmark_runs_end_to_end(tmp_path, capsys):
                    "--classifier-epochs", "1"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "| independent |" in printed and "| ot |" in printed and "| sinkhorn |" in printed
+
+
+def test_demo_benchmark_times_a_real_server(capsys):
+    spec = importlib.util.spec_from_file_location("demo_bench", REPO / "benchmarks" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    demo.main(["--image-size", "16"])  # the 35.7M widths, at a resolution the CPU does quickly
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cold, first, warm, nfe = (float(cell) for cell in row.strip("| ").split(" | "))
+    assert cold > first > 0 and warm > 0 and nfe == 20

@@ -1,5 +1,6 @@
 """fmkit-dit, tested as an installed third-party plugin."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -124,6 +125,18 @@ def test_listed_trained_and_sampled_by_name(tmp_path):
     )
     assert sampled.returncode == 0, sampled.stderr
     assert (tmp_path / "s" / "grid.png").is_file()
+
+    # diffusers has no DiT for plain images: the export says so in one line; ONNX takes any
+    # backbone (when fmkit's export extra is installed).
+    exported = fmkit(
+        "export", "--checkpoint", run, "--out", tmp_path / "d", "--format", "diffusers"
+    )
+    assert exported.returncode == 1 and len(exported.stderr.strip().splitlines()) == 1
+    assert "backbone 'dit' has no diffusers mapping" in exported.stderr
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        onnx = fmkit("export", "--checkpoint", run, "--out", tmp_path / "o", "--format", "onnx")
+        assert onnx.returncode == 0, onnx.stderr
+        assert (tmp_path / "o" / "model.onnx").is_file()
 
     # Without the plugin, the checkpoint says which distribution to install.
     missing = fmkit("sample", "--checkpoint", run, "--output", tmp_path / "t", autoload=False)

@@ -34,7 +34,7 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
     """Write `out/unet` (UNet2DModel), `out/scheduler` (FlowMatchEulerDiscreteScheduler in fmkit's
     time convention), `out/model_index.json` for unconditional models (a DDPMPipeline runs it
     as is) and `out/README.md`; the backbone must provide `to_diffusers()`."""
-    diffusers = _require("diffusers", "diffusers")
+    diffusers = _require("diffusers")
     mapping = getattr(generator.module, "to_diffusers", None)
     if mapping is None:
         raise FmkitError(
@@ -76,9 +76,9 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
     """Write `out/model.onnx`: velocity = f(x (B, C, H, W), t (B,)[, class (B,) | attributes
     (B, K)]) at a fixed batch and resolution, int64 labels with -1 for unspecified, plus
     `out/README.md`; checked with onnxruntime on the CPU."""
-    _require("onnx", "onnx")
-    _require("onnxscript", "onnxscript")
-    ort = _require("onnxruntime", "onnxruntime")
+    _require("onnx")
+    _require("onnxscript")  # torch's dynamo-based ONNX exporter is written with it
+    ort = _require("onnxruntime")
     if batch_size < 1:
         raise FmkitError("export: --batch-size must be at least 1")
     x, t, cond = example_inputs(generator, batch_size)
@@ -166,11 +166,11 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _require(module: str, package: str):
+def _require(package: str):
     import importlib
 
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(package)
     except ImportError:
         raise FmkitError(
             f"export: this format needs {package}: pip install 'fmkit[export]'"

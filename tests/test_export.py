@@ -178,3 +178,11 @@ def test_export_flag_mistakes_are_one_line_errors(run, run_cli, tmp_path):
     assert "--fp16" in one_line_error(result)
     result = run_cli("export", "--checkpoint", run, "--out", tmp_path / "o", "--format", "tflite")
     assert result.exit_code != 0 and "tflite" in result.output
+
+
+def test_a_missing_export_extra_is_a_one_line_error(run, run_cli, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    result = run_cli("export", "--checkpoint", run, "--out", tmp_path / "o", "--format", "onnx")
+    assert "pip install 'fmkit[export]'" in one_line_error(result)

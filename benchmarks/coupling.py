@@ -6,7 +6,8 @@
 
 quality  the quality benchmark's digits and UNet trained with --coupling independent, ot and
          sinkhorn for the same steps (one process: global and local scopes coincide there;
-         tests/test_distributed.py checks that two processes pair like one): dopri5's NFE, the
+         tests/test_distributed.py checks that two processes pair like one; --torchrun N adds
+         ot with scope local on N processes, each coupling its 1/N): dopri5's NFE, the
          straightness of sampled paths (mean squared deviation of a 20-step Euler trajectory
          from the straight line between its ends, per pixel), and the Fréchet distance at
          Euler 4, 8 and 20 on the uniform grid.
@@ -61,6 +62,35 @@ def run(args: tuple[Path, str, int, int]) -> Path:
     return final
 
 
+def run_torchrun_local(work: Path, steps: int, batch: int, procs: int) -> Path:
+    """Exact OT within each process's micro-batch (scope local) under torchrun: the per-GPU
+    coupling other toolkits use. The global scope needs no run of its own: it pairs exactly
+    like one process (tests/test_distributed.py), so the one-process `ot` row is it."""
+    import os
+    import subprocess
+
+    quality = load("quality")
+    out = work / f"ot-local{procs}-b{batch}"
+    final = out / "checkpoint_final.safetensors"
+    if final.is_file():
+        return final
+    base = quality.BASE
+    flags = ["--dataset", "prepared", "--data-dir", work / "data", "--output", out]
+    flags += ["--image-size", base["image_size"], "--batch-size", batch, "--max-steps", steps]
+    flags += ["--save-every", 0, "--sample-every", 0, "--num-samples", base["num_samples"]]
+    flags += ["--sample-steps", base["sample_steps"], "--log-every", base["log_every"]]
+    flags += ["--device", "cpu", "--no-hflip", "--coupling", "ot"]
+    flags += ["--objective-opt", "coupling_scope=local"]
+    for key, value in base["backbone_opts"].items():
+        text = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        flags += ["--backbone-opt", f"{key}={text}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher += [f"--nproc-per-node={procs}", "-m", "fmkit", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*launcher, *map(str, flags)], check=True, env=env)
+    return final
+
+
 def part_quality(
     work: Path,
     steps: int,
@@ -69,6 +99,7 @@ def part_quality(
     parallel: int,
     samples: int,
     epochs: int,
+    torchrun: int = 0,
 ) -> None:
     quality = load("quality")
     images, labels = quality.digits()
@@ -81,6 +112,10 @@ def part_quality(
             finals = pool.map(run, jobs)
     else:
         finals = [run(job) for job in jobs]
+    names = list(couplings)
+    if torchrun > 1:
+        finals.append(run_torchrun_local(work, steps, batch, torchrun))
+        names.append(f"ot (local, {torchrun} processes)")
     classifier = quality.train_classifier(cls_x, cls_y, epochs)
     reference = quality.features(classifier, gen_x)
     floor = feature_distance(quality.features(classifier, floor_x[:samples]), reference)
@@ -93,7 +128,7 @@ def part_quality(
     )
     print("| coupling | dopri5 NFE | dopri5 | straightness | Euler 4 | Euler 8 | Euler 20 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for coupling, final in zip(couplings, finals, strict=True):
+    for coupling, final in zip(names, finals, strict=True):
         model = Generator.load(final)
         cells = []
         dopri = model.generate(noise, solver_from_spec("dopri5"))
@@ -151,6 +186,9 @@ def main(argv=None) -> None:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--classifier-epochs", type=int, default=40)
+    parser.add_argument(
+        "--torchrun", type=int, default=0, help="also train ot with scope local on N processes"
+    )
     parser.add_argument("--keep", type=Path, help="keep (and reuse) the runs here")
     args = parser.parse_args(argv)
     parts = args.part.split(",")
@@ -166,6 +204,7 @@ def main(argv=None) -> None:
                 args.parallel,
                 args.samples,
                 args.classifier_epochs,
+                args.torchrun,
             )
         if "time" in parts:
             part_time()

@@ -16,6 +16,7 @@ import base64
 import errno
 import io
 import json
+import math
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,7 @@ from fmkit.solver import build_solver
 
 PAGE = Path(__file__).with_name("demo.html")
 MAX_COUNT, MAX_STEPS, TRAJECTORY = 16, 500, 6
+MAX_BODY = 64 * 1024  # bytes of a request; a real one is a few hundred
 
 
 class Demo:
@@ -132,12 +134,19 @@ def _handler(demo: Demo) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 length = int(self.headers.get("Content-Length", 0))
+                if not 0 <= length <= MAX_BODY:
+                    raise FmkitError(f"the request must be at most {MAX_BODY} bytes")
                 request = json.loads(self.rfile.read(length) or b"{}")
                 if not isinstance(request, dict):
                     raise FmkitError("the request must be a JSON object")
-                self._json(HTTPStatus.OK, demo.generate(request))
+                result = demo.generate(request)
             except (FmkitError, ValueError) as exc:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            except Exception as exc:  # the page shows it; the server keeps serving
+                message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message})
+            else:
+                self._json(HTTPStatus.OK, result)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # the terminal shows the URL; per-request lines would bury it
@@ -166,7 +175,12 @@ def _png(image) -> str:
 
 def _integer(request: dict, key: str, default: int, lo: int, hi: int) -> int:
     value = request.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or int(value) != value
+    ):
         raise FmkitError(f"{key} must be an integer, got {value!r}")
     if not lo <= value <= hi:
         raise FmkitError(f"{key} must be between {lo} and {hi}, got {value}")
@@ -175,6 +189,7 @@ def _integer(request: dict, key: str, default: int, lo: int, hi: int) -> int:
 
 def _number(request: dict, key: str, default: float, lo: float, hi: float) -> float:
     value = request.get(key, default)
+    # NaN and infinities fail the range test too.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
         raise FmkitError(f"{key} must be a number between {lo} and {hi}, got {value!r}")
     return float(value)

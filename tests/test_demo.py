@@ -100,6 +100,11 @@ def test_bad_requests_are_400_with_a_message(server):
     assert status == 400 and "count" in body["error"]
     status, body = post(server, {"cond": {"Smilling": 1}})
     assert status == 400 and "Smilling" in body["error"]
+    for bad in ({"seed": -1}, {"seed": 1e400}, {"steps": "many"}, {"guidance": float("nan")}):
+        status, body = post(server, bad)
+        assert status == 400 and next(iter(bad)) in body["error"], body
+    # The server is still there after all of them.
+    assert post(server, {"count": 1, "steps": 2})[0] == 200
 
 
 def test_a_port_in_use_and_a_bad_checkpoint_are_one_line_errors(model_folder, run_cli, tmp_path):

@@ -494,6 +494,8 @@ def demo_command(ckpt: Path, port: int, host: str, device: str) -> None:
 
     generator = Generator.load(ckpt, device=resolve_device(device))
     server = serve(generator, host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: not loopback: whoever reaches {host} can use this model", err=True)
     url_host, url_port = server.server_address[:2]
     click.echo(f"fmkit demo: http://{url_host}:{url_port}/  (Ctrl+C stops it)", err=True)
     try:

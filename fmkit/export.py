@@ -42,8 +42,14 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
             f"provides one with a to_diffusers() method); --format onnx works for any backbone"
         )
     config, state = mapping()
-    unet = diffusers.UNet2DModel(**config)
-    unet.load_state_dict(state, strict=True)
+    try:
+        unet = diffusers.UNet2DModel(**config)
+        unet.load_state_dict(state, strict=True)
+    except Exception as exc:  # a plugin's mapping that diffusers does not accept
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FmkitError(
+            f"export: diffusers rejects the {generator.spec.backbone!r} mapping: {first}"
+        ) from None
     # t = 0 is noise in fmkit and the network is fed 1000 t; diffusers' flow-matching scheduler
     # walks sigma from 1 (noise) to 0. invert_sigmas makes it hand the model 1000 (1 - sigma)
     # and step x += (t_next - t) * v: fmkit's Euler, with no change to the weights.
@@ -59,11 +65,11 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
         scheduler.save_pretrained(out / "scheduler")
     (out / "README.md").write_text(_diffusers_note(generator, unconditional))
     loaded = diffusers.UNet2DModel.from_pretrained(out / "unet", low_cpu_mem_usage=False).eval()
-    x, t, cond = example_inputs(generator, 4)
-    labels = diffusers_labels(generator, cond)
-    with torch.no_grad():
-        theirs = loaded(x, TIMESTEPS * t, class_labels=labels).sample
-    error = _relative(theirs, _velocity(generator, x, t, cond))
+    error = 0.0
+    for x, t, cond in check_inputs(generator, 8):
+        with torch.no_grad():
+            theirs = loaded(x, TIMESTEPS * t, class_labels=diffusers_labels(generator, cond))
+        error = max(error, _relative(theirs.sample, _velocity(generator, x, t, cond)))
     if error > DIFFUSERS_TOLERANCE:
         raise FmkitError(
             f"export: the diffusers model differs from fmkit's by {error:.1e} (relative; "
@@ -81,7 +87,8 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
     ort = _require("onnxruntime")
     if batch_size < 1:
         raise FmkitError("export: --batch-size must be at least 1")
-    x, t, cond = example_inputs(generator, batch_size)
+    checks = check_inputs(generator, batch_size)
+    x, t, cond = checks[0]
     names = ["x", "t", *(cond or {})]
     wrapper = _Velocity(generator.module.float().cpu().eval(), list(cond or {})).eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,9 +111,12 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
             f"export: ONNX export of {generator.spec.backbone!r} failed: {first}"
         ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {name: value.numpy() for name, value in zip(names, args, strict=True)}
-    theirs = torch.from_numpy(session.run(None, feed)[0])
-    error = _relative(theirs, _velocity(generator, x, t, cond))
+    error = 0.0
+    for x, t, cond in checks:
+        inputs = (x, t, *(cond or {}).values())
+        feed = {name: value.numpy() for name, value in zip(names, inputs, strict=True)}
+        theirs = torch.from_numpy(session.run(None, feed)[0])
+        error = max(error, _relative(theirs, _velocity(generator, x, t, cond)))
     if error > ONNX_TOLERANCE:
         raise FmkitError(
             f"export: onnxruntime differs from PyTorch by {error:.1e} (relative; tolerance "
@@ -116,20 +126,31 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
     return ExportReport([path, out / "README.md"], error)
 
 
-def example_inputs(generator: Generator, n: int) -> tuple[Tensor, Tensor, Cond | None]:
-    """Random checking inputs: (n, C, H, W) states, (n,) times spread over [0, 1], and
-    conditions with every state (values and unspecified) present."""
+def check_inputs(generator: Generator, batch: int) -> list[tuple[Tensor, Tensor, Cond | None]]:
+    """Batches of `batch` checking inputs: (batch, C, H, W) random states, (batch,) times over
+    [0, 1] and conditions in which every state occurs — each class and "unspecified", or
+    attribute rows all unspecified, all off, all on and mixed — at least 4 samples in all."""
     g = torch.Generator().manual_seed(0)
     data = generator.data
-    x = torch.randn(n, data.channels, data.image_size, data.image_size, generator=g)
-    t = torch.linspace(0, 1, n) if n > 1 else torch.tensor([0.5])
     condition = data.condition
+    k = condition.size
     if condition.kind == "class":
-        labels = torch.randint(-1, condition.size, (n,), generator=g)
-        return x, t, {"class": labels}
-    if condition.kind == "attributes":
-        return x, t, {"attributes": torch.randint(-1, 2, (n, condition.size), generator=g)}
-    return x, t, None
+        labels = torch.arange(max(4, k + 1)) % (k + 1) - 1  # -1 (unspecified), 0, ..., K-1
+    elif condition.kind == "attributes":
+        fixed = torch.tensor([UNSPECIFIED, 0, 1]).repeat_interleave(k).view(3, k)
+        labels = torch.cat([fixed, torch.randint(-1, 2, (1, k), generator=g)])  # (4, K)
+    else:
+        labels = torch.zeros(4)
+    total = -(-len(labels) // batch) * batch  # whole batches
+    labels = labels[torch.arange(total) % len(labels)]
+    x = torch.randn(total, data.channels, data.image_size, data.image_size, generator=g)
+    t = torch.linspace(0, 1, total)
+    batches = []
+    for start in range(0, total, batch):
+        rows = slice(start, start + batch)
+        cond = None if condition.kind == "none" else {condition.kind: labels[rows].long()}
+        batches.append((x[rows], t[rows], cond))
+    return batches
 
 
 def diffusers_labels(generator: Generator, cond: Cond | None) -> Tensor | None:
@@ -201,10 +222,24 @@ def _conditions_text(generator: Generator, diffusers: bool) -> str:
     return "Unconditional."
 
 
+def _labels_line(generator: Generator, onnx: bool, batch: int) -> str:
+    """The sampling loop's line choosing the conditions (all unspecified), '' if there are none."""
+    condition, k = generator.data.condition, generator.data.condition.size
+    if condition.kind == "none":
+        return ""
+    if onnx:
+        shape = f"({batch},)" if condition.kind == "class" else f"({batch}, {k})"
+        name = "labels" if condition.kind == "class" else "attributes"
+        return f"{name} = np.full({shape}, -1, np.int64)  # unspecified; see above\n"
+    value = k if condition.kind == "class" else 3**k - 1
+    return f"labels = torch.full(({batch},), {value})  # unspecified; see above\n"
+
+
 def _diffusers_note(generator: Generator, unconditional: bool) -> str:
     spec = generator.spec
     size, channels = generator.data.image_size, generator.data.channels
     labels = "" if unconditional else ", class_labels=labels"
+    choose = _labels_line(generator, onnx=False, batch=8)
     pipeline = (
         "\n```python\nfrom diffusers import DiffusionPipeline\n\n"
         'pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER")  # DDPMPipeline\n'
@@ -240,21 +275,25 @@ steps = 20
 # fmkit's uniform Euler grid; for fmkit's default "shift" grid use s * 3 / (1 + 2 * s).
 scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1])
 x = torch.randn(8, {channels}, {size}, {size})
-with torch.no_grad():
+{choose}with torch.no_grad():
     for timestep in scheduler.timesteps:
         v = unet(x, timestep{labels}).sample
         x = scheduler.step(v, timestep, x).prev_sample
 images = (x.clamp(-1, 1) + 1) / 2  # [0, 1]
 ```
 
-Guidance, as in `fmkit sample --guidance w`: v = v_uncond + w (v_cond - v_uncond), with
-v_uncond from the "unspecified" labels.
+Classifier-free guidance: v = v_uncond + w (v_cond - v_uncond), with v_uncond from the
+"unspecified" labels. `fmkit sample` guides conditional requests with w = 1.5, and only at
+0.2 <= t <= 0.8 (elsewhere v = v_cond).
 """
 
 
 def _onnx_note(generator: Generator, names: list[str], batch_size: int) -> str:
     data = generator.data
     shape = f"({batch_size}, {data.channels}, {data.image_size}, {data.image_size})"
+    kind = data.condition.kind
+    choose = _labels_line(generator, onnx=True, batch=batch_size)
+    conditions = {"class": ', "class": labels', "attributes": ', "attributes": attributes'}
     return f"""# fmkit velocity network in ONNX
 
 `model.onnx` computes the velocity of backbone `{generator.spec.backbone}`
@@ -272,9 +311,9 @@ import numpy as np, onnxruntime as ort
 
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 x = np.random.randn(*{shape}).astype(np.float32)
-grid = np.linspace(0, 1, 21, dtype=np.float32)
+{choose}grid = np.linspace(0, 1, 21, dtype=np.float32)
 for t, t_next in zip(grid[:-1], grid[1:]):
-    feed = {{"x": x, "t": np.full({batch_size}, t, np.float32)}}  # + conditions, if any
+    feed = {{"x": x, "t": np.full({batch_size}, t, np.float32){conditions.get(kind, "")}}}
     x = x + (t_next - t) * session.run(None, feed)[0]
 ```
 """

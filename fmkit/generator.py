@@ -423,7 +423,8 @@ def _encode_one(condition: Condition, row: Mapping[str, Any]) -> int | list[int]
     for name, value in row.items():
         if name not in names:
             raise FmkitError(unknown_name_message("attribute", name, names))
-        state = {0: 0, 1: 1, "0": 0, "1": 1}.get(value)  # True and False are 1 and 0 too
+        # True and False are 1 and 0 too; lists and other unhashables are simply wrong.
+        state = {0: 0, 1: 1, "0": 0, "1": 1}.get(value) if isinstance(value, (int, str)) else None
         if state is None:
             raise FmkitError(
                 f"attribute {name} must be 0 or 1 (leave it out for unspecified), got {value!r}"

@@ -94,6 +94,12 @@ def _check(model: nn.Module, arch: dict, widths: list[int]) -> None:
             f"{arch['time_emb_dim']}; only models trained with time_emb_dim equal to "
             f"base_channels map to it (use --format onnx for this one)"
         )
+    if arch["channel_mult"][0] != 1:
+        raise FmkitError(
+            f"export: UNet2DModel's input conv is as wide as its first level; this model's "
+            f"first level is {arch['channel_mult'][0]}x its input conv (channel_mult must "
+            f"start with 1)"
+        )
     if arch["time_emb_dim"] < 4:
         raise FmkitError("export: diffusers needs a time embedding of at least 4 dimensions")
     groups = {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}

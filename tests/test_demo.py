@@ -177,3 +177,38 @@ def test_the_page_in_a_real_browser(model_folder, tmp_path):
     finally:
         browser.quit()
         stack.close()
+
+
+def test_class_names_reach_the_page_as_text(tmp_path):
+    """Class names come from folder names: quotes and markup stay text, and the chosen class
+    round-trips to the server."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    odd = 'a"b <i>x</i>'
+    spec = ModelSpec(
+        backbone="unet",
+        backbone_opts={
+            "base_channels": 8,
+            "channel_mult": (1, 2),
+            "attn_resolutions": (8,),
+            "num_res_blocks": 1,
+        },  # fmt: skip
+        data=DataSpec(3, 16, Condition("class", ("plain", odd))),
+    )
+    Generator(spec, build_backbone(spec).eval()).save_pretrained(tmp_path / "model")
+    browser = _browser()
+    try:
+        with serving(tmp_path / "model") as url:
+            wait = WebDriverWait(browser, 120)
+            browser.get(url + "/")
+            wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "ready"))
+            assert not browser.find_elements(By.CSS_SELECTOR, "#conditions i")
+            Select(browser.find_element(By.ID, "class")).select_by_visible_text(odd)
+            browser.find_element(By.ID, "generate").click()
+            wait.until(lambda b: "NFE" in b.find_element(By.ID, "status").text
+                       or "error" in b.find_element(By.ID, "status").text)  # fmt: skip
+            assert "NFE" in browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()

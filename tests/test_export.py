@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import one_line_error, write_image
 
-from fmkit import Condition, Generator
-from fmkit.export import diffusers_labels, example_inputs
+from fmkit import Condition, FmkitError, Generator
+from fmkit.export import check_inputs, diffusers_labels
 from fmkit.solver import solver_from_spec
 from fmkit_plugins.unet import UNet
 
@@ -60,7 +60,7 @@ def test_diffusers_export_loads_in_diffusers_and_matches_the_velocity(run, run_c
     assert "matches fmkit's" in result.output
     generator = Generator.load(run)
     unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "d" / "unet").eval()
-    x, t, _ = example_inputs(generator, 6)
+    x, t, _ = check_inputs(generator, 6)[0]
     with torch.no_grad():
         theirs = unet(x, 1000 * t).sample
         ours = generator.module(x, t)
@@ -109,7 +109,7 @@ def test_a_class_conditional_export_takes_class_labels(class_run, run_cli, tmp_p
     assert "0 blue, 1 red" in note and '2 for "unspecified"' in note
     generator = Generator.load(class_run)
     unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "d" / "unet").eval()
-    x, t, _ = example_inputs(generator, 3)
+    x, t, _ = check_inputs(generator, 3)[0]
     cond = {"class": torch.tensor([0, 1, -1])}
     with torch.no_grad():
         theirs = unet(x, 1000 * t, class_labels=torch.tensor([0, 1, 2])).sample
@@ -149,8 +149,12 @@ def test_models_diffusers_cannot_express_are_one_line_errors(faces, run_cli, tmp
     assert "time_emb_dim" in one_line_error(result)
     model = UNet(time_emb_dim=64, base_channels=64, channel_mult=(1, 1), image_size=16,
                  attn_resolutions=(8,), two_times=True)  # fmt: skip
-    with pytest.raises(Exception, match="second time r"):
+    with pytest.raises(FmkitError, match="second time r"):
         model.to_diffusers()
+    wide_first = UNet(time_emb_dim=64, base_channels=64, channel_mult=(2, 2), image_size=16,
+                      attn_resolutions=(8,))  # fmt: skip
+    with pytest.raises(FmkitError, match="channel_mult"):
+        wide_first.to_diffusers()
 
 
 def test_onnx_export_runs_in_onnxruntime_like_pytorch(class_run, run_cli, tmp_path):
@@ -186,3 +190,23 @@ def test_a_missing_export_extra_is_a_one_line_error(run, run_cli, tmp_path, monk
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     result = run_cli("export", "--checkpoint", run, "--out", tmp_path / "o", "--format", "onnx")
     assert "pip install 'fmkit[export]'" in one_line_error(result)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "onnx"])
+def test_the_sampling_loops_of_the_exported_readmes_run_as_written(
+    class_run, run_cli, tmp_path, monkeypatch, fmt
+):
+    import re
+
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / fmt
+    assert run_cli("export", "--checkpoint", class_run, "--out", out, "--format", fmt,
+                   "--batch-size", 2).exit_code == 0  # fmt: skip
+    blocks = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
+    assert blocks
+    monkeypatch.chdir(out)
+    for code in blocks:
+        scope = {}
+        exec(code.replace("THIS_FOLDER", str(out)), scope)  # noqa: S102
+        result = scope.get("images", scope.get("x"))
+        assert np.isfinite(np.asarray(result)).all()

@@ -214,16 +214,18 @@ def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **
 
 
 _CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or exported folder."
-
-
-@cli.command("sample")
-@click.option(
+# Every command that reads a trained model takes it the same way.
+_checkpoint_option = click.option(
     "--checkpoint",
     "ckpt",
     required=True,
     type=click.Path(exists=True, path_type=Path),
     help=_CHECKPOINT_HELP,
 )
+
+
+@cli.command("sample")
+@_checkpoint_option
 @_solver_flags(SAMPLE_SOLVER, SAMPLE_STEPS)
 @click.option("--num-samples", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
@@ -391,10 +393,7 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 
 @cli.command("list-conditions")
-@click.option(
-    "--checkpoint", "ckpt", required=True, type=click.Path(exists=True, path_type=Path),
-    help=_CHECKPOINT_HELP,
-)  # fmt: skip
+@_checkpoint_option
 def list_conditions_command(ckpt: Path) -> None:
     """Print what a model can be asked for: its classes or attributes."""
     condition = Generator.load(ckpt).data.condition
@@ -414,13 +413,7 @@ def list_conditions_command(ckpt: Path) -> None:
 
 
 @cli.command("export")
-@click.option(
-    "--checkpoint",
-    "ckpt",
-    required=True,
-    type=click.Path(exists=True, path_type=Path),
-    help=_CHECKPOINT_HELP,
-)
+@_checkpoint_option
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder."
 )
@@ -474,13 +467,7 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
 
 
 @cli.command("demo")
-@click.option(
-    "--checkpoint",
-    "ckpt",
-    required=True,
-    type=click.Path(exists=True, path_type=Path),
-    help=_CHECKPOINT_HELP,
-)
+@_checkpoint_option
 @click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to serve on (loopback)."
@@ -513,13 +500,7 @@ def eval_group() -> None:
 
 def _eval_options(func):
     options = [
-        click.option(
-            "--checkpoint",
-            "ckpt",
-            required=True,
-            type=click.Path(exists=True, path_type=Path),
-            help=_CHECKPOINT_HELP,
-        ),
+        _checkpoint_option,
         click.option("--dataset", help="Reference dataset [default: the checkpoint's]."),
         click.option("--data-dir", help="Reference dataset root [default: the checkpoint's]."),
         click.option("--split", default="train", show_default=True, help="Reference split."),
@@ -638,10 +619,7 @@ def eval_sweep(solvers, out, **common):
 
 
 @eval_group.command("nll")
-@click.option(
-    "--checkpoint", "ckpt", required=True, type=click.Path(exists=True, path_type=Path),
-    help=_CHECKPOINT_HELP,
-)  # fmt: skip
+@_checkpoint_option
 @click.option("--dataset", help="[default: the checkpoint's]")
 @click.option("--data-dir", help="[default: the checkpoint's]")
 @click.option("--split", default="test", show_default=True)

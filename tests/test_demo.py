@@ -22,27 +22,24 @@ from fmkit.generator import ModelSpec, build_backbone
 ATTRIBUTES = ("Smiling", "Eyeglasses", "Male")
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """An attribute-conditional UNet folder with random (not zero-initialised) weights, so that
-    every attribute changes the images."""
-    spec = ModelSpec(
-        backbone="unet",
-        backbone_opts={
-            "base_channels": 8,
-            "channel_mult": (1, 2),
-            "attn_resolutions": (8,),
-            "num_res_blocks": 1,
-        },  # fmt: skip
-        data=DataSpec(3, 16, Condition("attributes", ATTRIBUTES)),
-    )
+def random_model(folder: Path, condition: Condition) -> Path:
+    """A tiny conditional UNet folder with random (not zero-initialised) weights, so that every
+    condition changes the images."""
+    opts = {"base_channels": 8, "channel_mult": (1, 2), "attn_resolutions": (8,)}
+    spec = ModelSpec("unet", {**opts, "num_res_blocks": 1}, DataSpec(3, 16, condition))
     module = build_backbone(spec)
     torch.manual_seed(0)
     for p in module.parameters():
         p.data.normal_(0, 0.2)
-    folder = tmp_path_factory.mktemp("demo") / "model"
     Generator(spec, module.eval()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return random_model(
+        tmp_path_factory.mktemp("demo") / "model", Condition("attributes", ATTRIBUTES)
+    )
 
 
 @contextlib.contextmanager
@@ -187,17 +184,7 @@ def test_class_names_reach_the_page_as_text(tmp_path):
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     odd = 'a"b <i>x</i>'
-    spec = ModelSpec(
-        backbone="unet",
-        backbone_opts={
-            "base_channels": 8,
-            "channel_mult": (1, 2),
-            "attn_resolutions": (8,),
-            "num_res_blocks": 1,
-        },  # fmt: skip
-        data=DataSpec(3, 16, Condition("class", ("plain", odd))),
-    )
-    Generator(spec, build_backbone(spec).eval()).save_pretrained(tmp_path / "model")
+    random_model(tmp_path / "model", Condition("class", ("plain", odd)))
     browser = _browser()
     try:
         with serving(tmp_path / "model") as url:

@@ -30,27 +30,25 @@ OPTS = {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "attn_resolutions": 
 REQUEST = {"seed": 0, "count": 8, "solver": "euler", "steps": 20}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--image-size", type=int, default=64)
-    args = parser.parse_args(argv)
+def measure(device: str = "cpu", image_size: int = 64, opts: dict | None = None) -> dict:
+    """Start `fmkit demo` on a fresh model folder and time its first and a second request.
+
+    Returns seconds from launch to the first images ("cold"), the first generation as the
+    server timed it ("first"), a second request ("warm"), its NFE and the parameter count."""
     with tempfile.TemporaryDirectory() as tmp:
-        spec = ModelSpec("unet", dict(OPTS), DataSpec(3, args.image_size))
+        spec = ModelSpec("unet", dict(opts or OPTS), DataSpec(3, image_size))
         module = build_backbone(spec)
-        count = sum(p.numel() for p in module.parameters())
+        params = sum(p.numel() for p in module.parameters())
         Generator(spec, module).save_pretrained(Path(tmp) / "model")
         command = [sys.executable, "-m", "fmkit", "demo", "--checkpoint", str(Path(tmp) / "model")]
-        command += ["--port", "0", "--device", args.device]
+        command += ["--port", "0", "--device", device]
         start = time.perf_counter()
         server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         try:
             line = server.stderr.readline()
             match = re.search(r"http://[\d.]+:\d+/", line)
             if not match:
-                raise SystemExit(f"the demo did not start: {line}{server.stderr.read()}")
+                raise RuntimeError(f"the demo did not start: {line}{server.stderr.read()}")
             url = match.group(0)
             first = post(url)
             cold = time.perf_counter() - start
@@ -60,11 +58,29 @@ def main(argv=None) -> None:
         finally:
             server.terminate()
             server.wait()
-    print(f"\n## Demo: first batch ({count / 1e6:.1f}M UNet, {args.image_size}x{args.image_size}, "
-          f"{REQUEST['count']} images, Euler {REQUEST['steps']}, {args.device})\n")  # fmt: skip
+    return {
+        "cold_s": cold,
+        "first_s": first["seconds"],
+        "warm_s": warm,
+        "nfe": second["nfe"],
+        "params": params,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    r = measure(args.device, args.image_size)
+    print(f"\n## Demo: first batch ({r['params'] / 1e6:.1f}M UNet, {args.image_size}x"
+          f"{args.image_size}, {REQUEST['count']} images, Euler {REQUEST['steps']}, "
+          f"{args.device})\n")  # fmt: skip
     print("| launch to first images (s) | first generation (s) | warm request (s) | NFE |")
     print("| --- | --- | --- | --- |")
-    print(f"| {cold:.1f} | {first['seconds']:.1f} | {warm:.1f} | {second['nfe']} |")
+    print(f"| {r['cold_s']:.1f} | {r['first_s']:.1f} | {r['warm_s']:.1f} | {r['nfe']} |")
 
 
 def post(url: str) -> dict:

@@ -13,6 +13,10 @@ Stages (each one's failure is reported and makes the run exit 1; the others stil
   torchrun `torchrun --nproc-per-node 1` (NCCL on a GPU) for a few steps, then a resume, and
            the weight difference to an uninterrupted run.
   fid      `fmkit eval fid` on the device with a random-weights Inception file.
+  demo     `fmkit demo` on the device: launch to the first 8 images of the 35.7M UNet (Euler
+           20), and a warm request (benchmarks/demo.py).
+  coupling exact OT coupling (--coupling ot) with the batch on the device at global batch 128,
+           512 and 2,048, against the training step at that batch (needs scipy).
 
 Prints one Markdown table; `--json FILE` also writes every figure.
 """
@@ -63,6 +67,7 @@ FULL = {
     "small_unet": ["base_channels=32", "channel_mult=1,2,2", "attn_resolutions=16"],
     # (label, precision, torch.compile); the bare loop runs the last one.
     "modes": [("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)],
+    "coupling_batches": (128, 512, 2048),
 }
 SMOKE = {
     "image_size": 16,
@@ -87,6 +92,7 @@ SMOKE = {
     # Compiling on 2 CPU cores takes longer than the rest together; the test suite has its own
     # compiled training-and-resume test.
     "modes": [("fp32", "fp32", False), ("bf16", "bf16", False)],
+    "coupling_batches": (16,),
 }
 
 
@@ -287,6 +293,39 @@ def stage_fid(cfg, work, device, run_dir, data, results, rows) -> None:
     rows.append(("eval fid (random Inception)", f"FID {fid:.4g}; {seconds:.0f} s end to end"))
 
 
+def stage_demo(cfg, device, results, rows) -> None:
+    """`fmkit demo` on this device: launch to the first 8 images (Euler 20), as benchmarks/demo.py."""
+    demo = load_benchmark("demo")
+    r = demo.measure(device.type, cfg["image_size"], cfg["unet"])
+    results["demo"] = r
+    rows.append(
+        (
+            "fmkit demo, 8 images, Euler 20",
+            f"launch to first images {r['cold_s']:.1f} s (generation {r['first_s']:.2f} s), "
+            f"warm request {r['warm_s']:.2f} s, NFE {r['nfe']}",
+        )
+    )
+
+
+def stage_coupling(cfg, device, results, rows) -> None:
+    """The exact OT coupling with images and noise on this device (distances computed here,
+    the assignment solved on the CPU), against this run's training step at that batch."""
+    from fmkit_plugins.coupling import couple
+
+    size = cfg["image_size"]
+    ips = max(
+        (v["images_per_s"] for k, v in results.items() if k.startswith("train_")), default=None
+    )
+    for batch in cfg["coupling_batches"]:
+        x1, noise = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
+        couple(noise[:8], x1[:8], 0, None, "ot", False)  # warm: imports, kernels
+        _, seconds = couple(noise, x1, 0, None, "ot", False)  # ends with a copy to the CPU
+        share = seconds / (batch / ips) if ips else None
+        results[f"coupling_ot_{batch}"] = {"seconds": seconds, "step_share": share}
+        text = f"{seconds:.3f} s" + (f" = {100 * share:.1f}% of a training step" if share else "")
+        rows.append((f"ot coupling, global batch {batch}", text))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -297,7 +336,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument(
         "--stages",
-        default="train,sample,fid,torchrun",
+        default="train,sample,fid,torchrun,demo,coupling",
         help="comma-separated subset (sample and fid need train)",
     )
     args = parser.parse_args()
@@ -354,6 +393,10 @@ def main() -> int:
                 stage(name, body)
         if "torchrun" in wanted:
             stage("torchrun", lambda: stage_torchrun(cfg, work, device, data, results, rows))
+        if "demo" in wanted:
+            stage("demo", lambda: stage_demo(cfg, device, results, rows))
+        if "coupling" in wanted:
+            stage("coupling", lambda: stage_coupling(cfg, device, results, rows))
     results["wall_s"] = time.perf_counter() - began
     results["failed"] = failed
 

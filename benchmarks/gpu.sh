@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # benchmarks/gpu.py on a GPU machine that has torch but no network: installs fmkit from this
-# checkout without fetching anything (and any wheels in $FMKIT_WHEELS, e.g. webdataset and
-# torch-fidelity where they are missing), then runs every GPU path once.
+# checkout without fetching anything (and any wheels in $FMKIT_WHEELS, e.g. webdataset,
+# torch-fidelity and scipy (the coupling stage) where they are missing), then runs every GPU
+# path once.
 #   bash benchmarks/gpu.sh [--json FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."

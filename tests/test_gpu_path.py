@@ -46,6 +46,8 @@ def test_gpu_benchmark_smoke_runs_every_stage(tmp_path):
         assert stage in results, stage
     assert results["sample_euler"]["nfe"] == [20, 20]
     assert results["torchrun"]["resume_max_abs_diff"] == 0  # gloo on the CPU: bit-exact
+    assert results["demo"]["nfe"] == 20 and results["demo"]["cold_s"] > results["demo"]["first_s"]
+    assert 0 < results["coupling_ot_16"]["seconds"] < 60
     assert (
         "| fmkit train bf16 |" in proc.stdout
         and "| torchrun 1 proc (gloo) + resume |" in proc.stdout

@@ -20,12 +20,10 @@ cost        training images/s with and without conditions (median of back-to-bac
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import multiprocessing
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,7 +38,9 @@ from fmkit.prepared import write_array
 from fmkit.solver import build_solver
 from fmkit.train import train
 
-HERE = Path(__file__).resolve().parent
+import quality  # a sibling script: benchmarks/ is on sys.path when run
+import train_step
+
 SIZE = 16
 ATTRIBUTES = ("light_background", "red_square", "right", "big")
 FREQUENCY = (0.3, 0.5, 0.7, 0.4)  # P(attribute = 1) in the synthetic data
@@ -56,18 +56,9 @@ ATTRIBUTE_GUIDANCE = [(1.0, (0.0, 1.0)), (1.5, (0.2, 0.8)), (2.0, (0.0, 1.0)), (
 ATTRIBUTE_GUIDANCE += [(3.0, (0.2, 0.8))]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_training(
     data: Path, out: Path, steps: int, condition: str, objective_opts: dict, backbone: dict
 ) -> Path:
-    quality = load("quality")
     cfg = TrainConfig(
         **{
             **quality.BASE,
@@ -103,7 +94,6 @@ def _train_missing(jobs: list[tuple], parallel: int) -> list[Path]:
 
 
 def part_class(work: Path, steps: int, samples: int, parallel: int, backbone: dict) -> None:
-    quality = load("quality")
     images, labels = quality.digits()
     (gen_x, gen_y), (cls_x, cls_y), _ = quality.split(images, labels)
     quality.write_training_set(gen_x, work / "digits", gen_y)
@@ -248,10 +238,9 @@ def part_attributes(
 
 
 def part_cost(work: Path) -> None:
-    train_step = load("train_step")
     write_attribute_set(work / "shapes")
     settings = train_step.Settings(steps=40, warmup=10, batch_size=64, image_size=SIZE,
-                                   unet=dict(load("quality").BASE["backbone_opts"]))  # fmt: skip
+                                   unet=dict(quality.BASE["backbone_opts"]))  # fmt: skip
     ratios = []
     for r in range(5):
         times = {}
@@ -307,7 +296,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     backbone = parse_options(args.backbone_opt, "--backbone-opt")
     print(
-        f"# {platform.machine()}, one torch thread per training, UNet {load('quality').BASE['backbone_opts']}"
+        f"# {platform.machine()}, one torch thread per training, UNet {quality.BASE['backbone_opts']}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)

@@ -21,7 +21,6 @@ time     seconds (CPU, this machine) for the squared-distance matrix and for sol
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import sys
 import tempfile
@@ -37,22 +36,14 @@ from fmkit.solver import solver_from_spec
 from fmkit.train import train
 from fmkit_plugins.coupling import assignment, sinkhorn_draw
 
-HERE = Path(__file__).resolve().parent
+import quality  # a sibling script: benchmarks/ is on sys.path when run
+
 COUPLINGS = ("independent", "ot", "sinkhorn")
 H200_IMAGES_PER_S = 1495.0  # compiled bf16 step of the 35.7M UNet, docs/benchmarks.md
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(args: tuple[Path, str, int, int]) -> Path:
     work, coupling, steps, batch = args
-    quality = load("quality")
     out = work / f"{coupling}-b{batch}"
     final = out / "checkpoint_final.safetensors"
     if not final.is_file():
@@ -70,7 +61,6 @@ def run_torchrun_local(work: Path, steps: int, batch: int, procs: int) -> Path:
     import os
     import subprocess
 
-    quality = load("quality")
     out = work / f"ot-local{procs}-b{batch}"
     final = out / "checkpoint_final.safetensors"
     if final.is_file():
@@ -102,7 +92,6 @@ def part_quality(
     epochs: int,
     torchrun: int = 0,
 ) -> None:
-    quality = load("quality")
     images, labels = quality.digits()
     (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     if not (work / "data" / "meta.json").is_file():

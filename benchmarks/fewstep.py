@@ -15,11 +15,9 @@ teacher's EMA weights. --keep DIR keeps every run, and reuses the ones already t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ from fmkit.reflow import write_pairs
 from fmkit.solver import solver_from_spec
 from fmkit.train import train
 
-HERE = Path(__file__).resolve().parent
+import quality  # a sibling script: benchmarks/ is on sys.path when run
+
 TEACHER_SOLVERS = [f"euler:{n}:schedule=uniform" for n in (1, 2, 4, 8, 20, 50)]
 TEACHER_SOLVERS += [
     f"{m}:{n}:schedule={s}"
@@ -46,16 +45,7 @@ TEACHER_SOLVERS += ["dopri5"]
 FEW = [f"euler:{n}:schedule=uniform" for n in (1, 2, 4)]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def config(work: Path, name: str, steps: int, **changes) -> TrainConfig:
-    quality = load("quality")
     values = {**quality.BASE, "data_dir": str(work / "data"), "output": str(work / name)}
     values.update(max_steps=steps, **changes)
     return TrainConfig(**values)
@@ -97,7 +87,6 @@ def main(argv=None) -> None:
 
 
 def measure(work: Path, args) -> dict:
-    quality = load("quality")
     images, labels = quality.digits()
     (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     if not (work / "data" / "meta.json").is_file():

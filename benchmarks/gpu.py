@@ -24,7 +24,6 @@ Prints one Markdown table; `--json FILE` also writes every figure.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -40,7 +39,8 @@ import torch
 
 from fmkit.plugins import registry
 
-HERE = Path(__file__).resolve().parent
+import demo  # sibling scripts: benchmarks/ is on sys.path when this one runs
+import train_step
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
 PEAK_BF16_TFLOPS = {
@@ -96,15 +96,6 @@ SMOKE = {
 }
 
 
-def load_benchmark(name: str):
-    """Another script of benchmarks/ as a module (registered, so its dataclasses work)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
     if override:
         return override
@@ -148,7 +139,6 @@ def fmkit_cli(*args) -> list[str]:
 
 
 def stage_train(cfg, work, device, peak, results, rows) -> Path:
-    train_step = load_benchmark("train_step")
     data = train_step.synthetic_prepared(work / "data", cfg["image_size"], cfg["images"])
     workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     flops = step_flops(cfg, device)
@@ -295,7 +285,6 @@ def stage_fid(cfg, work, device, run_dir, data, results, rows) -> None:
 
 def stage_demo(cfg, device, results, rows) -> None:
     """`fmkit demo` on this device: launch to the first 8 images (Euler 20), as benchmarks/demo.py."""
-    demo = load_benchmark("demo")
     r = demo.measure(device.type, cfg["image_size"], cfg["unet"])
     results["demo"] = r
     rows.append(
@@ -376,7 +365,6 @@ def main() -> int:
         if wanted & {"train", "sample", "fid"}:
             run_dir = stage("train", lambda: stage_train(cfg, work, device, peak, results, rows))
         else:
-            train_step = load_benchmark("train_step")
             run_dir = None
             train_step.synthetic_prepared(work / "data", cfg["image_size"], cfg["images"])
         data = work / "data" / "prepared"

@@ -10,7 +10,6 @@ batch, wall seconds, images/s and the mean absolute difference to a tight dopri5
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import tempfile
 import time
@@ -24,13 +23,12 @@ from fmkit.plugins import registry
 from fmkit.solver import build_solver
 from fmkit.train import train
 
+import quality  # a sibling script: benchmarks/ is on sys.path when run
+
 FIXED_STEPS = {"euler": 50, "midpoint": 25, "heun": 25, "rk4": 12}  # ~50 NFE each
 
 
 def digits_checkpoint(work: Path, steps: int) -> Path:
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).with_name("quality.py"))
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
     images, _ = quality.digits()
     quality.write_training_set(images[:900], work / "data")
     cfg = TrainConfig(

@@ -79,6 +79,17 @@ def run_cli():
     return run
 
 
+def benchmark(name: str):
+    """The script benchmarks/NAME.py as a module; its folder goes on sys.path, as it is when a
+    benchmark runs, so the scripts find each other by name."""
+    import importlib
+
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return importlib.import_module(name)
+
+
 def one_line_error(result) -> str:
     """Assert a CLI result failed with exactly one error line and no traceback; return it."""
     output = result.output if hasattr(result, "output") else result

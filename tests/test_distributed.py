@@ -92,6 +92,13 @@ def weights(path):
     return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}, meta
 
 
+def trained(faces, out, *extra, procs=1):
+    """Train (under torchrun when procs > 1) and return the final weights."""
+    result = fmkit(*train_args(faces, out, *extra), procs=procs)
+    assert result.returncode == 0, result.stderr
+    return weights(out / "checkpoint_final.safetensors")[0]
+
+
 def assert_close(a, b, exact=False):
     assert a.keys() == b.keys()
     for key in a:
@@ -123,29 +130,19 @@ def test_two_processes_match_one_and_grad_accum(tmp_path, faces):
 
 def test_global_ot_coupling_pairs_alike_on_two_processes_and_one(tmp_path, faces):
     ot = ["--max-steps", 3, "--coupling", "ot"]
-    one = fmkit(*train_args(faces, tmp_path / "one", *ot))
-    assert one.returncode == 0, one.stderr
-    two = fmkit(*train_args(faces, tmp_path / "two", *ot), procs=2)
-    assert two.returncode == 0, two.stderr
-    ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
-    assert_close(ref, weights(tmp_path / "two" / "checkpoint_final.safetensors")[0])
+    ref = trained(faces, tmp_path / "one", *ot)
+    assert_close(ref, trained(faces, tmp_path / "two", *ot, procs=2))
     # The local scope couples within each process's half only: other pairs, other weights.
     local = ["--objective-opt", "coupling_scope=local"]
-    two_local = fmkit(*train_args(faces, tmp_path / "local", *ot, *local), procs=2)
-    assert two_local.returncode == 0, two_local.stderr
-    got, _ = weights(tmp_path / "local" / "checkpoint_final.safetensors")
+    got = trained(faces, tmp_path / "local", *ot, *local, procs=2)
     assert any(not torch.allclose(ref[k], got[k], rtol=1e-4, atol=1e-5) for k in ref)
 
 
 def test_meanflow_trains_under_ddp_like_on_one_process(tmp_path, faces):
     # Its Jacobian-vector product runs through DistributedDataParallel's forward.
     extra = ["--max-steps", 3, "--objective", "meanflow", "--backbone-opt", "two_times=true"]
-    one = fmkit(*train_args(faces, tmp_path / "one", *extra))
-    assert one.returncode == 0, one.stderr
-    two = fmkit(*train_args(faces, tmp_path / "two", *extra), procs=2)
-    assert two.returncode == 0, two.stderr
-    ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
-    assert_close(ref, weights(tmp_path / "two" / "checkpoint_final.safetensors")[0])
+    ref = trained(faces, tmp_path / "one", *extra)
+    assert_close(ref, trained(faces, tmp_path / "two", *extra, procs=2))
 
 
 def test_resume_on_two_processes_is_exact_and_on_one_says_so(tmp_path, faces):

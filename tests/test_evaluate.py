@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY, one_line_error, write_image
+from conftest import TINY, one_line_error, write_image
 
 from fmkit import checkpoint
 from fmkit.evaluate import inception_features, load_inception, reference, score, to_uint8
@@ -19,12 +19,9 @@ from fmkit.solver import build_solver
 def weights(tmp_path_factory):
     """A randomly initialised Inception-v3 saved as torch-fidelity expects its weights file
     (benchmarks/gpu.py writes it the same way for its offline FID stage)."""
-    import importlib.util
+    from conftest import benchmark
 
-    spec = importlib.util.spec_from_file_location("gpu", REPO / "benchmarks" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
-    return gpu.random_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
+    return benchmark("gpu").random_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
 
 
 @pytest.fixture(scope="module")

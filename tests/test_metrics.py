@@ -1,13 +1,12 @@
 """The Fréchet distance, and the quality benchmark end to end in a tiny configuration."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import REPO
+from conftest import benchmark
 
 from fmkit.metrics import feature_distance, frechet_distance, gaussian_stats
 
@@ -34,15 +33,8 @@ def test_frechet_distance_of_identical_statistics_is_zero():
     assert frechet_distance(*gaussian_stats(x), *gaussian_stats(x)) < 1e-8
 
 
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quality_benchmark_feature_distance_zero_for_identical_large_for_noise():
-    quality = load_quality()
+    quality = benchmark("quality")
     images, labels = quality.digits()
     (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     classifier = quality.train_classifier(cls_x, cls_y, epochs=3)
@@ -54,7 +46,7 @@ def test_quality_benchmark_feature_distance_zero_for_identical_large_for_noise()
 
 
 def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
-    quality = load_quality()
+    quality = benchmark("quality")
     out = tmp_path / "q.json"
     quality.main(
         [
@@ -84,9 +76,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
 
 
 def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("fewstep", REPO / "benchmarks" / "fewstep.py")
-    fewstep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fewstep)
+    fewstep = benchmark("fewstep")
     out = tmp_path / "f.json"
     fewstep.main(
         ["--steps", "2", "--reflow-steps", "2", "--pairs", "64", "--samples", "16", "--parallel", "1",
@@ -102,9 +92,7 @@ def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):
 
 
 def test_coupling_benchmark_runs_end_to_end(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("coupling", REPO / "benchmarks" / "coupling.py")
-    coupling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(coupling)
+    coupling = benchmark("coupling")
     coupling.main(["--part", "quality", "--steps", "2", "--parallel", "1", "--samples", "16",
                    "--classifier-epochs", "1"])  # fmt: skip
     printed = capsys.readouterr().out
@@ -112,9 +100,7 @@ def test_coupling_benchmark_runs_end_to_end(tmp_path, capsys):
 
 
 def test_demo_benchmark_times_a_real_server(capsys):
-    spec = importlib.util.spec_from_file_location("demo_bench", REPO / "benchmarks" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = benchmark("demo")
     demo.main(["--image-size", "16"])  # the 35.7M widths, at a resolution the CPU does quickly
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cold, first, warm, nfe = (float(cell) for cell in row.strip("| ").split(" | "))

@@ -446,8 +446,16 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
     if fp16 and fmt != "fmkit":
         raise FmkitError("--fp16 applies to --format fmkit only")
     generator = Generator.load(ckpt, ema=ema)
+    try:
+        if fmt == "fmkit":
+            generator.save_pretrained(out, fp16=fp16)
+        elif fmt == "diffusers":
+            report = export_diffusers(generator, out)
+        else:
+            report = export_onnx(generator, out, batch_size)
+    except OSError as exc:  # an unwritable or full output folder
+        raise FmkitError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
     if fmt == "fmkit":
-        generator.save_pretrained(out, fp16=fp16)
         count = sum(p.numel() for p in generator.module.parameters())
         size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
         click.echo(
@@ -455,10 +463,6 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
             f"{'float16' if fp16 else 'float32'}, {size:.1f} MiB)"
         )
         return
-    if fmt == "diffusers":
-        report = export_diffusers(generator, out)
-    else:
-        report = export_onnx(generator, out, batch_size)
     click.echo(f"wrote {len(report.files)} files to {out} (see {out / 'README.md'})")
     click.echo(
         f"checked: the exported model's velocity matches fmkit's to {report.relative_error:.1e} "

@@ -71,8 +71,8 @@ class FlowMatchingObjective(Objective):
         full = draws.normal_all(*x1.shape[1:]).to(x1.dtype)  # (global B, C, H, W)
         groups = draws.group_rows() if self.coupling_scope == "global" else [draws.rows]
         noise = torch.cat([full[rows] for rows in groups])
-        first = 0 if len(groups) == 1 else groups[0].stop - groups[0].start
-        first *= next(i for i, rows in enumerate(groups) if rows == draws.rows)
+        mine = groups.index(draws.rows)  # this process's rows start after the earlier ranks'
+        first = sum(rows.stop - rows.start for rows in groups[:mine])
         x0, seconds = couple(
             noise, x1, first, cond, self.coupling, len(groups) > 1, self.coupling_reg,
             draws.generator("cpu") if self.coupling == "sinkhorn" else None,

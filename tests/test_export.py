@@ -182,6 +182,11 @@ def test_export_flag_mistakes_are_one_line_errors(run, run_cli, tmp_path):
     assert "--fp16" in one_line_error(result)
     result = run_cli("export", "--checkpoint", run, "--out", tmp_path / "o", "--format", "tflite")
     assert result.exit_code != 0 and "tflite" in result.output
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the output folder's parent should be")
+    for fmt in ("fmkit", "diffusers", "onnx"):
+        result = run_cli("export", "--checkpoint", run, "--out", blocked / "o", "--format", fmt)
+        assert "cannot write the export" in one_line_error(result)
 
 
 def test_a_missing_export_extra_is_a_one_line_error(run, run_cli, tmp_path, monkeypatch):

@@ -4,9 +4,7 @@ read without ever unpickling anything."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,52 +13,19 @@ from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 from fmkit.errors import FmkitError
+from fmkit.folders import write_atomic
 
 SUFFIX = ".safetensors"
 
 
 def save(path: Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
-    """Write `tensors` and JSON-able `metadata` to `path` atomically.
-
-    The bytes go to a temporary file in the same directory, are fsynced, and replace `path` in
-    one rename: a crash or kill at any moment leaves the previous file intact. The file gets
-    the permissions the umask gives (mkstemp alone would make it private to its owner).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `tensors` and JSON-able `metadata` to `path` atomically (`folders.write_atomic`):
+    a crash, a kill or a full disk at any moment leaves the previous file intact."""
     blob = save_bytes(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
         metadata={"fmkit": json.dumps(metadata)},
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _umask() -> int:
-    try:  # Linux says it without changing it (setting it would race with other threads)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0)  # elsewhere the only way to read it is to set it
-    os.umask(mask)
-    return mask
+    return write_atomic(Path(path), blob)
 
 
 _PICKLE = "a pickle/torch.save file"  # the short reason _inspect gives for one

@@ -10,39 +10,63 @@ from dataclasses import fields
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from fmkit import checkpoint, config
-from fmkit.config import TrainConfig
+from fmkit.config import SEED_MAX, TrainConfig
 from fmkit.data import build_dataset, source_of
 from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
-from fmkit.evaluate import WEIGHTS_ENV, evaluate_solver, result_line, setup, training_data
+from fmkit.evaluate import (
+    COND_SAMPLING,
+    WEIGHTS_ENV,
+    check_record_file,
+    evaluate_solver,
+    result_line,
+    setup,
+    training_data,
+)
+from fmkit.folders import claim, inside, size_of, write_json
 from fmkit.generator import (
     GUIDANCE,
     GUIDANCE_INTERVAL,
+    GUIDANCE_MAX,
     SAMPLE_SOLVER,
     SAMPLE_STEPS,
     Generator,
     is_model_folder,
 )
-from fmkit.options import check_options, describe_options, parse_options, parse_value
+from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
-from fmkit.prepared import write_array
+from fmkit.prepared import PREPARED, write_array
 from fmkit.registry import unknown_name_message
-from fmkit.report import bits_per_dim, write_sweep
+from fmkit.report import SWEEP, bits_per_dim, write_sweep
 from fmkit.sample import sample_to_dir
 from fmkit.solver import build_solver, parse_solver_spec
 from fmkit.train import resolve_device, train
 
 
+class _UsageLine(click.ClickException):
+    exit_code = 2  # click's status for a bad command line
+
+
 class FmkitGroup(click.Group):
-    """A click group that turns FmkitError into one line on stderr and exit status 1."""
+    """A click group under which every mistake a user can make ends in one line on stderr
+    and a non-zero exit: FmkitError (status 1), a bad flag or value (2, click's usage errors
+    without the usage block), and an operating-system error such as a full disk or a
+    read-only folder that no writer caught (1), named by its path and cause."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except FmkitError as exc:
             raise click.ClickException(str(exc)) from None
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "fmkit"
+            raise _UsageLine(f"{exc.format_message()} (see `{where} --help`)") from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
 @click.group(cls=FmkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,20 +188,39 @@ def _config_flag(f) -> typing.Callable:
             f"{flag}/--no-{flag[2:]}", name, default=default, show_default=not optional,
             help=meta["help"],
         )  # fmt: skip
-    kind: typing.Any = None
-    low = 0 if meta.get("zero_is_none") else meta.get("min")
-    if meta.get("choices"):
-        kind = click.Choice(meta["choices"])
-    elif base in (int, float) and low is None and meta.get("max") is None:
-        kind = base
-    elif base is int:
-        kind = click.IntRange(low, meta.get("max"))
-    elif base is float:
-        kind = click.FloatRange(low, meta.get("max"), min_open=meta.get("min_open", False))
+    help = meta["help"]
+    if base in (int, float) and (meta.get("min") is not None or meta.get("max") is not None):
+        help += f" [{config.range_text(meta)}]"
     return click.option(
-        flag, name, default=default, show_default=default is not None, type=kind,
-        help=meta["help"], metavar=meta.get("metavar"),
+        flag, name, default=default, show_default=default is not None,
+        type=ConfigValue(name, base, meta.get("choices")), help=help, metavar=meta.get("metavar"),
     )  # fmt: skip
+
+
+class ConfigValue(click.ParamType):
+    """A train flag's value, checked by `config.check_value`: the same check a TOML file's
+    value gets."""
+
+    def __init__(self, field: str, base: type, choices: tuple[str, ...] | None) -> None:
+        self.field, self.base, self.choices = field, base, choices
+        self.name = {int: "integer", float: "float"}.get(base, "text")
+
+    def get_metavar(self, param, ctx=None) -> str:  # (ctx from click 8.2 on)
+        if self.choices:
+            return "[" + "|".join(self.choices) + "]"
+        return {int: "INTEGER", float: "FLOAT"}.get(self.base, "TEXT")
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and self.base in (int, float):
+            try:
+                value = self.base(value)
+            except ValueError:
+                what = "an integer" if self.base is int else "a number"
+                self.fail(f"must be {what}, got {value!r}", param, ctx)
+        try:
+            return config.check_value(self.field, value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _train_flags(func):
@@ -204,13 +247,26 @@ def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **
     for name in [n for n in flags if n.endswith("_opts")]:
         flags[name] = parse_options(flags[name], f"--{name[: -len('_opts')]}-opt")
     given = {
-        name
-        for name in flags
-        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        name for name in flags if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT
     }
     final = train(config.resolve(flags, given, config_file), resume=resume, progress=True)
     if from_environment().is_main:
         click.echo(f"final checkpoint: {final}")
+
+
+_device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    help="Where to run (auto: cuda when torch sees a GPU).",
+)
+
+
+def _seed_option(help: str = "Seeds the noise."):
+    return click.option(
+        "--seed", default=0, show_default=True, type=click.IntRange(0, SEED_MAX), help=help
+    )
 
 
 _CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or exported folder."
@@ -229,7 +285,7 @@ _checkpoint_option = click.option(
 @_solver_flags(SAMPLE_SOLVER, SAMPLE_STEPS)
 @click.option("--num-samples", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@_seed_option()
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights.")
 @click.option(
     "--output",
@@ -244,16 +300,15 @@ _checkpoint_option = click.option(
     type=click.IntRange(0),
     help="Save a strip of K states from noise to image (K >= 2).",
 )
-@click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
+@_device_option
 @click.option(
     "--cond",
     "conds",
     multiple=True,
     metavar="NAME=VALUE",
     help="Condition of every image: an attribute (Smiling=1, Eyeglasses=0; those left out are "
-    "unspecified) or class=NAME|INDEX (repeatable; `fmkit list-conditions`).",
+    "unspecified) or class=NAME (class=#INDEX for its index) (repeatable; `fmkit "
+    "list-conditions`).",
 )
 @click.option(
     "--cond-file",
@@ -264,7 +319,7 @@ _checkpoint_option = click.option(
     "--guidance",
     default=GUIDANCE,
     show_default=True,
-    type=click.FloatRange(0),
+    type=click.FloatRange(0, GUIDANCE_MAX),
     help="Classifier-free guidance weight w of a conditional model: v_u + w (v_c - v_u); "
     "1 is none.",
 )
@@ -284,23 +339,24 @@ def sample_command(
 
     Example: fmkit sample --checkpoint results --cond Smiling=1 --cond Eyeglasses=1 --guidance 2
     """
-    generator = Generator.load(ckpt, ema=ema, device=resolve_device(device))
+    given = {n for n in ctx.params if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT}
+    if trajectory == 1:
+        raise FmkitError("--trajectory K keeps K states from noise to image: K >= 2 (0: none)")
     built = build_solver(solver, steps=steps, options=parse_options(solver_opts, "--solver-opt"))
     cond = parse_conditions(conds, "--cond") if conds else None
     if cond_file is not None:
-        if (
-            conds
-            or ctx.get_parameter_source("num_samples") is not click.core.ParameterSource.DEFAULT
-        ):
+        if conds or "num_samples" in given:
             raise FmkitError("--cond-file gives one image per line; drop --cond and --num-samples")
         cond = read_condition_file(cond_file)
         num_samples = len(cond)
-    if built.adaptive:
+    interval = parse_interval(guidance_interval)
+    generator = Generator.load(ckpt, ema=ema, device=resolve_device(device))
+    check_guidance(generator, given)
+    if built.adaptive and "steps" in given:
         click.echo(f"note: {solver} is adaptive; --steps is ignored")
     report = sample_to_dir(
         generator, built, output, num_samples, batch_size, seed, trajectory, click.echo,
-        cond=generator.encode(cond, num_samples), guidance=guidance,
-        interval=parse_interval(guidance_interval),
+        cond=generator.encode(cond, num_samples), guidance=guidance, interval=interval,
     )  # fmt: skip
     click.echo(
         f"{report.images} images in {output}/ ({solver}, mean NFE "
@@ -322,18 +378,16 @@ def sample_command(
 )
 @_solver_flags("dopri5", 100)
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds every pair's noise.")
+@_seed_option("Seeds every pair's noise.")
 @click.option(
     "--guidance",
     default=GUIDANCE,
     show_default=True,
-    type=click.FloatRange(0),
+    type=click.FloatRange(0, GUIDANCE_MAX),
     help="Classifier-free guidance weight of a class-conditional teacher (at "
     f"{GUIDANCE_INTERVAL[0]:g} <= t <= {GUIDANCE_INTERVAL[1]:g}).",
 )
-@click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
+@_device_option
 def reflow_command(
     teacher, num_pairs, out, solver, steps, solver_opts, batch_size, seed, guidance, device
 ) -> None:
@@ -354,27 +408,45 @@ def reflow_command(
     source = teacher if is_model_folder(teacher) else checkpoint.resolve(teacher)
     spec = f"{solver}" if built.adaptive else f"{solver}:{steps}"
     spec += "".join(f":{k}={v}" for k, v in sorted(options.items()))
-    settings = {"teacher": str(source.resolve()), "solver": spec}
+    step = None if is_model_folder(teacher) else checkpoint.read_metadata(source).get("step")
+    settings = {"teacher": str(source.resolve()), "teacher_step": step, "solver": spec}
     write_pairs(model, out, num_pairs, built, settings, batch_size, seed, guidance)
     click.echo(f"{num_pairs} pairs in {out}/ ({spec}); train on them with --objective reflow "
                f"--data-dir {out} --init-from {teacher}")  # fmt: skip
 
 
 def parse_conditions(pairs, flag: str) -> dict:
-    """`("Smiling=1", "class=cat")` -> {"Smiling": 1, "class": "cat"}."""
+    """`("Smiling=1", "class=cat")` -> {"Smiling": "1", "class": "cat"}: values stay text,
+    so a class named "2" is that class (its index is spelled class=#2)."""
     wanted = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise FmkitError(f"{flag} expects NAME=VALUE, got {pair!r}")
-        wanted[name.strip()] = parse_value(value)
+        wanted[name.strip()] = value.strip()
     return wanted
+
+
+def check_guidance(generator: Generator, given: set[str]) -> None:
+    """--guidance and --guidance-interval given for a model they cannot apply to."""
+    asked = sorted({"guidance", "guidance_interval"} & given)
+    if asked and generator.data.condition.kind == "none":
+        flag = "--" + asked[0].replace("_", "-")
+        raise FmkitError(
+            f"{flag}: this model is unconditional, so there is nothing to guide towards"
+        )
 
 
 def read_condition_file(path: Path) -> list[dict]:
     """One condition per non-empty line (`Smiling=1,Eyeglasses=0` or `class=cat`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise FmkitError(
+            f"{path} is not a text file; --cond-file takes one line of conditions per image"
+        ) from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             rows.append(parse_conditions(line.split(","), f"{path}:{number}"))
     if not rows:
@@ -401,7 +473,7 @@ def list_conditions_command(ckpt: Path) -> None:
         click.echo("unconditional: this model takes no conditions")
         return
     if condition.kind == "class":
-        click.echo(f"{condition.size} classes (--cond class=NAME or class=INDEX):")
+        click.echo(f"{condition.size} classes (--cond class=NAME or class=#INDEX):")
         for i, name in enumerate(condition.names):
             click.echo(f"  {i}  {name}")
         return
@@ -449,6 +521,7 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
     try:
         if fmt == "fmkit":
             generator.save_pretrained(out, fp16=fp16)
+            files = [out / "config.json", out / "model.safetensors"]
         elif fmt == "diffusers":
             report = export_diffusers(generator, out)
         else:
@@ -457,13 +530,15 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
         raise FmkitError(f"cannot write the export to {out}: {exc.strerror or exc}") from None
     if fmt == "fmkit":
         count = sum(p.numel() for p in generator.module.parameters())
-        size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
         click.echo(
             f"wrote {out}/config.json and model.safetensors ({count:,} parameters, "
-            f"{'float16' if fp16 else 'float32'}, {size:.1f} MiB)"
+            f"{'float16' if fp16 else 'float32'}, {size_of(files) / 2**20:.1f} MiB)"
         )
         return
-    click.echo(f"wrote {len(report.files)} files to {out} (see {out / 'README.md'})")
+    click.echo(
+        f"wrote {len(report.files)} files ({size_of(report.files) / 2**20:.1f} MiB) to {out} "
+        f"(see {out / 'README.md'})"
+    )
     click.echo(
         f"checked: the exported model's velocity matches fmkit's to {report.relative_error:.1e} "
         f"(relative)"
@@ -476,7 +551,7 @@ def export_command(ckpt: Path, out: Path, fmt: str, fp16: bool, ema: bool, batch
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to serve on (loopback)."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@_device_option
 def demo_command(ckpt: Path, port: int, host: str, device: str) -> None:
     """Serve a web page that generates images from a trained model on a click: seed, solver,
     steps, guidance and, for a conditional model, each attribute or the class; shows the
@@ -513,7 +588,7 @@ def _eval_options(func):
         ),
         click.option("--num-samples", default=50000, show_default=True, type=click.IntRange(2)),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1)),
-        click.option("--seed", default=0, show_default=True, type=int),
+        _seed_option(),
         click.option("--ema/--no-ema", default=True, show_default=True),
         click.option(
             "--metrics", default="fid", show_default=True, help="Comma-separated: fid, kid, prc."
@@ -539,11 +614,32 @@ def _eval_options(func):
             type=click.Path(file_okay=False, path_type=Path),
             help="Reference statistics cache [default: ~/.cache/fmkit/fid].",
         ),
+        _device_option,
         click.option(
-            "--device",
-            default="auto",
-            show_default=True,
-            type=click.Choice(["auto", "cpu", "cuda"]),
+            "--cond",
+            "conds",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="A conditional model: every sample's condition, as on `fmkit sample` "
+            "[default: drawn as --cond-sampling says].",
+        ),
+        click.option(
+            "--cond-sampling",
+            type=click.Choice(COND_SAMPLING),
+            help="A conditional model: conditions drawn from the reference data's labels (its "
+            "class frequencies, its attributes' joint distribution) or classes uniformly "
+            "[default: data].",
+        ),
+        click.option(
+            "--guidance",
+            type=click.FloatRange(0, GUIDANCE_MAX),
+            help=f"A conditional model's guidance weight [default: the model's, {GUIDANCE:g}].",
+        ),
+        click.option(
+            "--guidance-interval",
+            metavar="LO,HI",
+            help="Guide only at times LO <= t <= HI [default: the model's, "
+            f"{GUIDANCE_INTERVAL[0]:g},{GUIDANCE_INTERVAL[1]:g}].",
         ),
     ]
     for option in reversed(options):
@@ -565,6 +661,12 @@ def _setup(common: dict):
         inception_weights=common["inception_weights"],
         cache_dir=common["cache_dir"],
         device=resolve_device(common["device"]),
+        cond=parse_conditions(common["conds"], "--cond") if common["conds"] else None,
+        cond_sampling=common["cond_sampling"],
+        guidance=common["guidance"],
+        interval=parse_interval(common["guidance_interval"])
+        if common["guidance_interval"]
+        else None,
     )
 
 
@@ -582,6 +684,8 @@ def eval_fid(solver, steps, solver_opts, json_out, **common):
 
     Example: fmkit eval fid --checkpoint results --solver dopri5 --num-samples 50000
     """
+    if json_out is not None:
+        check_record_file(json_out)  # refused before the evaluation, not after
     ev = _setup(common)
     options = parse_options(solver_opts, "--solver-opt")
     built = build_solver(solver, steps=steps, options=options)
@@ -591,7 +695,7 @@ def eval_fid(solver, steps, solver_opts, json_out, **common):
     click.echo(result_line(record))
     click.echo(json.dumps(record, indent=2))
     if json_out:
-        json_out.write_text(json.dumps(record, indent=2))
+        write_json(json_out, record)
 
 
 @eval_group.command("sweep")
@@ -607,6 +711,7 @@ def eval_fid(solver, steps, solver_opts, json_out, **common):
 )
 def eval_sweep(solvers, out, **common):
     """Evaluate several solver settings; writes sweep.md, sweep.json and sweep.png (quality vs NFE)."""
+    claim(out, SWEEP)  # a folder it may not write is refused before the evaluation
     ev = _setup(common)
     records = []
     for spec in solvers.split(","):
@@ -632,11 +737,9 @@ def eval_sweep(solvers, out, **common):
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--solver", default="dopri5", show_default=True)
 @_opt_flag("solver")
-@click.option("--seed", default=0, show_default=True, type=int)
+@_seed_option("Seeds the dequantisation and the trace estimator.")
 @click.option("--ema/--no-ema", default=True, show_default=True)
-@click.option(
-    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
-)
+@_device_option
 def eval_nll(
     ckpt, dataset, data_dir, split, dataset_opts, num_images, batch_size, solver, solver_opts,
     seed, ema, device,
@@ -714,6 +817,12 @@ def _prepare_array_command(name: str) -> click.Command:
         data_dir: str, image_size: int, split: str, condition: str, out: Path, dataset_opts
     ):
         options = config.dataset_options(parse_options(dataset_opts, "--dataset-opt"))
+        if inside(out, data_dir) or inside(data_dir, out):
+            raise FmkitError(
+                f"--out {out} and --data-dir {data_dir} overlap; fmkit prepare never writes "
+                "into or over its input: choose an --out outside --data-dir"
+            )
+        claim(out, PREPARED)  # refused before any download or decoding
         dataset = build_dataset(name, data_dir, image_size, split, options, condition)
         source = source_of(name, data_dir, getattr(dataset, "split", split), options)
         write_array(dataset, out, source)

@@ -4,6 +4,8 @@ checkpoints (as a dict, rebuilt with `TrainConfig.from_dict`)."""
 
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 from fmkit.errors import FmkitError
 from fmkit.flow import TIME_SAMPLING
 from fmkit.options import conform
+
+SEED_MAX = 2**32 - 1  # the largest seed of every command (what every RNG fmkit uses takes)
 
 
 def option(
@@ -125,7 +129,9 @@ class TrainConfig:
     sample_steps: int = option(100, "Euler steps for grids.", min=1)
     log_every: int = option(50, "Steps per metrics.jsonl line.", min=1)
     output: str = option("results", "Run directory.")
-    seed: int = option(0, "Seeds data order, noise, times, flips and initialisation.")
+    seed: int = option(
+        0, "Seeds data order, noise, times, flips and initialisation.", min=0, max=SEED_MAX
+    )
     device: str = option("auto", "Device.", choices=("auto", "cpu", "cuda"))
     num_workers: int | None = option(
         None, "DataLoader workers [default: 0 on the CPU, up to 8 per GPU].", min=0
@@ -214,8 +220,61 @@ def dataset_options(options: dict) -> dict:
     return options
 
 
+def check_value(name: str, value: Any) -> Any:
+    """`value` of the train option `name` as TrainConfig holds it (0 is None where the field
+    says so), or ValueError saying what it must be. The one check of every value: flags (their
+    click type, `cli.ConfigValue`) and TOML files alike."""
+    f = _FIELDS[name]
+    meta, hint = f.metadata, _HINTS[name]
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    if value is None and optional:
+        return None
+    if base is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a table of KEY = VALUE options, got {value!r}")
+        return value
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {value!r}")
+        return value
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be text, got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"must be one of {', '.join(meta['choices'])}, got {value!r}")
+        return value
+    number = (int,) if base is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number):
+        raise ValueError(f"must be {'an integer' if base is int else 'a number'}, got {value!r}")
+    if meta.get("zero_is_none") and value == 0:
+        return None
+    if not math.isfinite(value):
+        raise ValueError(f"must be finite, got {value!r}")
+    low, high = meta.get("min"), meta.get("max")
+    too_low = low is not None and (value <= low if meta.get("min_open") else value < low)
+    if too_low or (high is not None and value > high):
+        raise ValueError(f"must be {range_text(meta)}, got {value!r}")
+    return base(value)
+
+
+def range_text(meta: dict) -> str:
+    """The accepted range of a numeric field, e.g. ">= 1", "> 0", "between 0 and 1"."""
+    low, high = meta.get("min"), meta.get("max")
+    if meta.get("zero_is_none") and low is None:
+        low = 0
+    if low is not None and high is not None:
+        return f"between {low:g} and {high:g}"
+    if low is not None:
+        return f"{'>' if meta.get('min_open') else '>='} {low:g}" + (
+            " (0: off)" if meta.get("zero_is_none") else ""
+        )
+    return f"<= {high:g}" if high is not None else "any number"
+
+
 def read_toml(path: Path) -> dict:
-    """A TOML file of train options (the flags' names, `-` or `_`); unknown keys are errors."""
+    """A TOML file of train options (the flags' names, `-` or `_`): unknown keys and values
+    the flags would refuse are errors naming the file and the key."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -230,7 +289,13 @@ def read_toml(path: Path) -> dict:
         raise FmkitError(
             f"{path}: unknown key '{unknown[0]}'; keys are the train flags, e.g. batch_size"
         )
-    return data
+    checked = {}
+    for key, value in data.items():
+        try:
+            checked[key] = check_value(key, value)
+        except ValueError as exc:
+            raise FmkitError(f"{path}: {key} {exc}") from None
+    return checked
 
 
 def resolve(flags: dict[str, Any], given: set[str], toml: Path | None = None) -> TrainConfig:
@@ -276,6 +341,10 @@ def _model_defaults(values: dict, source: str) -> None:
         values["backbone_opts"] = {**spec.backbone_opts, **values.get("backbone_opts", {})}
     if values["path"] == spec.path:
         values["path_opts"] = {**spec.path_opts, **values.get("path_opts", {})}
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def default_of(f) -> Any:

@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -19,7 +21,8 @@ from fmkit import checkpoint as checkpoint_module
 from fmkit.batch import collate
 from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
-from fmkit.generator import Generator, is_model_folder
+from fmkit.folders import FolderKind, claim, write_atomic
+from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator, is_model_folder
 from fmkit.metrics import frechet_distance, gaussian_stats
 from fmkit.pixels import to_uint8
 from fmkit.prepared import cache_root
@@ -153,7 +156,8 @@ def reference(
     key = hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[
         :16
     ]
-    path = (cache_dir or default_cache_dir()) / f"{dataset}-{split}-{image_size}-{key}.safetensors"
+    cache = claim(cache_dir or default_cache_dir(), REFERENCE_CACHE)
+    path = cache.root / f"{dataset}-{split}-{image_size}-{key}.safetensors"
     if path.is_file():
         return load_reference(path, cached=True)
     data = build_dataset(dataset, data_dir, image_size, split, options)
@@ -168,15 +172,22 @@ def reference(
         images.append(to_uint8(collate([data[i]]).images[0]))
     features = inception_features(net, torch.stack(images), batch_size)
     mu, sigma = gaussian_stats(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
+    blob = safetensors_bytes(
         {"mu": mu, "sigma": sigma, "features": features.float()},
-        tmp,
         metadata={"fmkit": json.dumps({**description, "count": count})},
     )
-    tmp.replace(path)
+    write_atomic(cache.path(path.name), blob)
     return Reference(mu, sigma, features, path, {**description, "count": count}, cached=False)
+
+
+# The reference statistics cache (--cache-dir); one written before folders were marked holds
+# statistics files only.
+REFERENCE_CACHE = FolderKind(
+    "reference-stats",
+    "FID reference statistics",
+    "fmkit eval",
+    allowed=("*.safetensors", "*.safetensors.tmp"),
+)
 
 
 def load_reference(path: Path, cached: bool = False) -> Reference:
@@ -237,19 +248,148 @@ class Generated:
 
 
 def generate(
-    generator: Generator, solver: Solver, num_samples: int, batch_size: int, seed: int = 0
+    generator: Generator,
+    solver: Solver,
+    num_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    cond=None,
+    guidance: float = GUIDANCE,
+    interval: tuple[float, float] = GUIDANCE_INTERVAL,
 ) -> Generated:
-    """Sample `num_samples` images in batches (progress bar), quantised to uint8."""
+    """Sample `num_samples` images in batches (progress bar), quantised to uint8; `cond`,
+    `guidance` and `interval` as in `Generator.sample`."""
     images, nfe = [], []
     start = time.perf_counter()
     with tqdm(total=num_samples, desc="sampling", unit="img", leave=False) as bar:
         for x, solution in generator.batches(
-            num_samples, solver=solver, batch_size=batch_size, seed=seed
-        ):
+            num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
+            guidance=guidance, interval=interval,
+        ):  # fmt: skip
             images.append(to_uint8(x))
             nfe.append(solution.nfe)
             bar.update(len(x))
     return Generated(torch.cat(images), nfe, time.perf_counter() - start)
+
+
+# How conditional models are evaluated, as the field does: the samples' conditions follow the
+# data the reference statistics describe (its class frequencies, its attributes' joint
+# distribution), or classes drawn uniformly (ImageNet's protocol), guided as the model
+# samples by default unless asked otherwise.
+COND_SAMPLING = ("data", "uniform")
+
+
+@dataclass
+class ConditionPlan:
+    """What an evaluation asks a model for.
+
+    Attributes:
+        kind: the model's condition kind ("none", "class", "attributes").
+        sampling: "none" (unconditional model), "fixed" (every sample gets `fixed`),
+            "uniform" (classes uniformly) or "data" (rows drawn from `labels`).
+        guidance, interval: classifier-free guidance weight and its interval.
+        fixed: the condition of every sample, as `Generator.encode` takes it.
+        labels: (N,) or (N, K) the data's labels, for "data".
+        size: K, the number of classes or attributes.
+    """
+
+    kind: str = "none"
+    sampling: str = "none"
+    guidance: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    fixed: dict | None = None
+    labels: Tensor | None = None
+    size: int = 0
+
+    def draw(self, n: int, seed: int):
+        """The conditions of `n` samples (None, a dict for all, or (n, ...) tensors), drawn
+        from a generator of their own, so the noise of seed `seed` stays what it was."""
+        if self.sampling in ("none", "fixed"):
+            return self.fixed
+        g = torch.Generator().manual_seed(seed + 1_000_003)
+        if self.sampling == "uniform":
+            return {self.kind: torch.randint(self.size, (n,), generator=g)}
+        rows = torch.randint(len(self.labels), (n,), generator=g)
+        return {self.kind: self.labels[rows].long()}
+
+    def record(self) -> dict:
+        """What the result records about the conditions."""
+        if self.kind == "none":
+            return {"kind": "none"}
+        out = {
+            "kind": self.kind,
+            "sampling": self.sampling,
+            "guidance": self.guidance,
+            "guidance_interval": list(self.interval),
+        }
+        if self.sampling == "fixed":
+            out["fixed"] = self.fixed
+        if self.sampling == "data":
+            out["data_rows"] = len(self.labels)
+        return out
+
+
+def plan_conditions(
+    generator: Generator,
+    *,
+    cond: dict | None,
+    sampling: str | None,
+    guidance: float | None,
+    interval: tuple[float, float] | None,
+    data: dict | None,
+) -> ConditionPlan:
+    """The ConditionPlan of an evaluation. `data` ({"dataset", "data_dir", "split",
+    "options"}, or None when unknown) is where "data" sampling reads its labels."""
+    condition = generator.data.condition
+    if condition.kind == "none":
+        if cond or sampling or guidance is not None or interval is not None:
+            raise FmkitError(
+                "this model is unconditional: --cond, --cond-sampling and --guidance do not apply"
+            )
+        return ConditionPlan()
+    plan = ConditionPlan(
+        condition.kind,
+        guidance=GUIDANCE if guidance is None else guidance,
+        interval=GUIDANCE_INTERVAL if interval is None else interval,
+        size=condition.size,
+    )
+    if cond:
+        if sampling:
+            raise FmkitError("--cond fixes every sample's condition; drop --cond-sampling")
+        generator.encode(cond, 1)  # a bad name fails now, not after the reference statistics
+        plan.sampling, plan.fixed = "fixed", dict(cond)
+        return plan
+    plan.sampling = sampling or "data"
+    if plan.sampling == "uniform":
+        if condition.kind != "class":
+            raise FmkitError(
+                "--cond-sampling uniform draws classes; attributes are drawn from the data's "
+                "joint distribution (--cond-sampling data)"
+            )
+        return plan
+    if not data or not data.get("dataset"):
+        raise FmkitError(
+            "--cond-sampling data needs the dataset the model was trained on: pass --dataset "
+            "and --data-dir (or --cond-sampling uniform for classes, or --cond)"
+        )
+    dataset = build_dataset(
+        data["dataset"], data["data_dir"], generator.data.image_size, data["split"],
+        data["options"], condition.kind,
+    )  # fmt: skip
+    labels = getattr(dataset, "labels", None)
+    names = tuple(getattr(getattr(dataset, "condition", None), "names", ()))
+    if labels is None or not hasattr(dataset, "__len__"):
+        raise FmkitError(
+            f"dataset '{data['dataset']}' gives no label table to draw conditions from; use "
+            "--cond-sampling uniform (classes) or --cond"
+        )
+    if names and names != condition.names:
+        raise FmkitError(
+            f"the dataset's {condition.kind} ({', '.join(names[:4])}...) are not the model's "
+            f"({', '.join(condition.names[:4])}...); pass the --dataset-opt it was trained with"
+        )
+    plan.labels = torch.as_tensor(np.stack([np.asarray(x) for x in labels])).long()
+    return plan
 
 
 def score(
@@ -322,6 +462,7 @@ class Evaluation:
     ref: Reference
     metrics: tuple[str, ...]
     checkpoint: str
+    conditions: ConditionPlan = field(default_factory=ConditionPlan)
 
 
 def setup(
@@ -338,37 +479,55 @@ def setup(
     inception_weights: Path | None = None,
     cache_dir: Path | None = None,
     device: torch.device | str = "cpu",
+    cond: dict | None = None,
+    cond_sampling: str | None = None,
+    guidance: float | None = None,
+    interval: tuple[float, float] | None = None,
 ) -> Evaluation:
-    """Load the model and the reference; the reference dataset defaults to the checkpoint's
-    own, with its options (e.g. its crop)."""
+    """Load the model, plan its conditions and load the reference; the reference dataset
+    defaults to the checkpoint's own, with its options (e.g. its crop). A conditional model's
+    samples follow `cond` or `cond_sampling` (see ConditionPlan; default: drawn from that
+    dataset's labels), guided at `guidance` in `interval` (default: the model's)."""
     generator = Generator.load(checkpoint, ema=ema, device=device)
     wanted = tuple(m.strip() for m in metrics.split(",") if m.strip())
     unknown = sorted(set(wanted) - set(METRICS))
     if unknown:
         raise FmkitError(f"unknown metric '{unknown[0]}'; available: {', '.join(METRICS)}")
+    trained_on = training_data(checkpoint)
+    data = None
+    if dataset is not None or trained_on:
+        options = dict(trained_on.get("dataset_opts", {})) if dataset is None else {}
+        options.update(dataset_opts or {})
+        data = {
+            "dataset": dataset or trained_on.get("dataset"),
+            "data_dir": data_dir or trained_on.get("data_dir"),
+            "split": split,
+            "options": options,
+        }
+    plan = plan_conditions(
+        generator, cond=cond, sampling=cond_sampling, guidance=guidance, interval=interval,
+        data=data,
+    )  # fmt: skip
     net = load_inception(inception_weights, device)
     if reference_stats is not None:
         ref = load_reference(reference_stats)
     else:
-        trained_on = training_data(checkpoint)
-        if dataset is None and not trained_on:
+        if data is None:
             raise FmkitError(
                 f"{checkpoint} is a weights folder and records no training data: pass --dataset "
                 "and --data-dir (or --reference-stats)"
             )
-        options = dict(trained_on.get("dataset_opts", {})) if dataset is None else {}
-        options.update(dataset_opts or {})
         ref = reference(
             net,
-            dataset or trained_on.get("dataset"),
-            data_dir or trained_on.get("data_dir"),
+            data["dataset"],
+            data["data_dir"],
             split,
             generator.data.image_size,
-            options,
+            data["options"],
             cache_dir,
             max_reference_images,
         )
-    return Evaluation(generator, net, ref, wanted, str(checkpoint))
+    return Evaluation(generator, net, ref, wanted, str(checkpoint), plan)
 
 
 def training_data(source: Path) -> dict:
@@ -399,7 +558,11 @@ def evaluate_solver(
     seed: int,
 ) -> dict:
     """Generate with one solver setting and score it; the JSON record `fmkit eval` prints."""
-    gen = generate(ev.generator, solver, num_samples, batch_size, seed)
+    plan = ev.conditions
+    gen = generate(
+        ev.generator, solver, num_samples, batch_size, seed, plan.draw(num_samples, seed),
+        plan.guidance, plan.interval,
+    )  # fmt: skip
     results = score(ev.net, gen.images, ev.ref, ev.metrics, batch_size)
     settings = dict(options)
     if not solver.adaptive:
@@ -407,6 +570,7 @@ def evaluate_solver(
     else:
         settings.update(rtol=getattr(solver, "rtol", None), atol=getattr(solver, "atol", None))
     return {
+        "format": RECORD,
         **results,
         "num_samples": num_samples,
         "solver": solver_name,
@@ -426,8 +590,33 @@ def evaluate_solver(
             "weights": ev.net.weights_id,
             "resize": RESIZE,
         },
+        "conditions": plan.record(),
         "checkpoint": ev.checkpoint,
     }
+
+
+RECORD = "fmkit-eval"  # the "format" of every record, so `--json` knows the files it wrote
+
+
+def check_record_file(path: Path) -> None:
+    """`--json PATH` may create PATH or replace an earlier record; anything else is refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise FmkitError(f"--json {path} is a folder; give a file name")
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    # Records of earlier versions had no format, but always these keys.
+    ours = isinstance(record, dict) and (
+        record.get("format") == RECORD or {"checkpoint", "backend", "mean_nfe"} <= record.keys()
+    )
+    if not ours:
+        raise FmkitError(
+            f"--json {path} exists and is not an fmkit evaluation record; choose another file"
+        )
 
 
 def result_line(r: dict) -> str:
@@ -438,6 +627,12 @@ def result_line(r: dict) -> str:
     if "precision" in r:
         parts.append(f"precision {r['precision']:.3f}, recall {r['recall']:.3f}")
     ref = r["reference"]
+    plan = r.get("conditions", {})
+    if plan.get("kind", "none") != "none":
+        lo, hi = plan["guidance_interval"]
+        parts.append(
+            f"{plan['kind']} {plan['sampling']}, guidance {plan['guidance']:g} at {lo:g}..{hi:g}"
+        )
     return (
         f"{', '.join(parts)} | {r['num_samples']} samples, {r['solver']} {r['solver_settings']}, "
         f"mean NFE {r['mean_nfe']:.1f}, {r['images_per_s']:.1f} img/s | reference "

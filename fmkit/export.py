@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fmkit.batch import UNSPECIFIED, Cond
 from fmkit.errors import FmkitError
+from fmkit.folders import FolderKind, claim
 from fmkit.generator import Generator
 
 DIFFUSERS_TOLERANCE = 1e-5  # relative, fp32: the mapping is exact, only rounding differs
@@ -41,6 +42,7 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
             f"export: backbone {generator.spec.backbone!r} has no diffusers mapping (a backbone "
             f"provides one with a to_diffusers() method); --format onnx works for any backbone"
         )
+    folder = claim(out, DIFFUSERS_FOLDER)
     config, state = mapping()
     try:
         unet = diffusers.UNet2DModel(**config)
@@ -56,26 +58,35 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=TIMESTEPS, shift=1.0, invert_sigmas=True
     )
-    out.mkdir(parents=True, exist_ok=True)
     unconditional = generator.data.condition.kind == "none"
-    if unconditional:
-        diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out)
-    else:
-        unet.save_pretrained(out / "unet")
-        scheduler.save_pretrained(out / "scheduler")
-    (out / "README.md").write_text(_diffusers_note(generator, unconditional))
-    loaded = diffusers.UNet2DModel.from_pretrained(out / "unet", low_cpu_mem_usage=False).eval()
-    error = 0.0
-    for x, t, cond in check_inputs(generator, 8):
-        with torch.no_grad():
-            theirs = loaded(x, TIMESTEPS * t, class_labels=diffusers_labels(generator, cond))
-        error = max(error, _relative(theirs.sample, _velocity(generator, x, t, cond)))
-    if error > DIFFUSERS_TOLERANCE:
-        raise FmkitError(
-            f"export: the diffusers model differs from fmkit's by {error:.1e} (relative; "
-            f"tolerance {DIFFUSERS_TOLERANCE:.0e})"
-        )
-    return ExportReport(sorted(p for p in out.rglob("*") if p.is_file()), error)
+    errors = []
+
+    def write(staging: Path) -> None:
+        if unconditional:
+            diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+        else:
+            unet.save_pretrained(staging / "unet")
+            scheduler.save_pretrained(staging / "scheduler")
+        (staging / "README.md").write_text(_diffusers_note(generator, unconditional))
+        loaded = diffusers.UNet2DModel.from_pretrained(staging / "unet", low_cpu_mem_usage=False)
+        error = 0.0
+        for x, t, cond in check_inputs(generator, 8):
+            with torch.no_grad():
+                theirs = loaded.eval()(
+                    x, TIMESTEPS * t, class_labels=diffusers_labels(generator, cond)
+                )
+            error = max(error, _relative(theirs.sample, _velocity(generator, x, t, cond)))
+        if error > DIFFUSERS_TOLERANCE:
+            raise FmkitError(
+                f"export: the diffusers model differs from fmkit's by {error:.1e} (relative; "
+                f"tolerance {DIFFUSERS_TOLERANCE:.0e})"
+            )
+        errors.append(error)
+
+    # Installed whole once checked; an earlier diffusers export here (say, of an unconditional
+    # model, with a model_index.json this one lacks) leaves no stale files.
+    installed = folder.write_staged(write)
+    return ExportReport(_files(installed), errors[0])
 
 
 def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportReport:
@@ -87,43 +98,83 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
     ort = _require("onnxruntime")
     if batch_size < 1:
         raise FmkitError("export: --batch-size must be at least 1")
+    folder = claim(out, ONNX_FOLDER)
     checks = check_inputs(generator, batch_size)
     x, t, cond = checks[0]
     names = ["x", "t", *(cond or {})]
     wrapper = _Velocity(generator.module.float().cpu().eval(), list(cond or {})).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "model.onnx"
     args = (x, t, *(cond or {}).values())
-    try:
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(path),
-            input_names=names,
-            output_names=["velocity"],
-            dynamo=True,
-            external_data=False,  # one self-contained file (models under 2 GB)
-            verbose=False,
-        )
-    except Exception as exc:  # the exporter's own errors are long; say which model failed
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FmkitError(
-            f"export: ONNX export of {generator.spec.backbone!r} failed: {first}"
-        ) from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    error = 0.0
-    for x, t, cond in checks:
-        inputs = (x, t, *(cond or {}).values())
-        feed = {name: value.numpy() for name, value in zip(names, inputs, strict=True)}
-        theirs = torch.from_numpy(session.run(None, feed)[0])
-        error = max(error, _relative(theirs, _velocity(generator, x, t, cond)))
-    if error > ONNX_TOLERANCE:
-        raise FmkitError(
-            f"export: onnxruntime differs from PyTorch by {error:.1e} (relative; tolerance "
-            f"{ONNX_TOLERANCE:.0e})"
-        )
-    (out / "README.md").write_text(_onnx_note(generator, names, batch_size))
-    return ExportReport([path, out / "README.md"], error)
+    errors = []
+
+    def write(staging: Path) -> None:
+        path = staging / "model.onnx"
+        try:
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                input_names=names,
+                output_names=["velocity"],
+                dynamo=True,
+                external_data=False,  # one self-contained file (models under 2 GB)
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter's own errors are long; say which model failed
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FmkitError(
+                f"export: ONNX export of {generator.spec.backbone!r} failed: {first}"
+            ) from None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        error = 0.0
+        for x, t, cond in checks:
+            inputs = (x, t, *(cond or {}).values())
+            feed = {name: value.numpy() for name, value in zip(names, inputs, strict=True)}
+            theirs = torch.from_numpy(session.run(None, feed)[0])
+            error = max(error, _relative(theirs, _velocity(generator, x, t, cond)))
+        if error > ONNX_TOLERANCE:
+            raise FmkitError(
+                f"export: onnxruntime differs from PyTorch by {error:.1e} (relative; tolerance "
+                f"{ONNX_TOLERANCE:.0e})"
+            )
+        (staging / "README.md").write_text(_onnx_note(generator, names, batch_size))
+        errors.append(error)
+
+    installed = folder.write_staged(write)
+    return ExportReport(_files(installed), errors[0])
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    """Every file in `paths`, folders expanded."""
+    return sorted(f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+def _readme_starts(text: str):
+    def recognise(root: Path) -> bool:
+        try:
+            return (root / "README.md").read_text().startswith(text)
+        except OSError:
+            return False
+
+    return recognise
+
+
+# Export folders; those written before folders were marked are recognised by their README.
+DIFFUSERS_FOLDER = FolderKind(
+    "diffusers",
+    "a diffusers export",
+    "fmkit export --format diffusers",
+    signature=("README.md", "unet"),
+    allowed=("README.md", "unet", "scheduler", "model_index.json"),
+    recognise=_readme_starts("# fmkit model exported for diffusers"),
+)
+ONNX_FOLDER = FolderKind(
+    "onnx",
+    "an ONNX export",
+    "fmkit export --format onnx",
+    signature=("README.md", "model.onnx"),
+    allowed=("README.md", "model.onnx"),
+    recognise=_readme_starts("# fmkit velocity network in ONNX"),
+)
 
 
 def check_inputs(generator: Generator, batch: int) -> list[tuple[Tensor, Tensor, Cond | None]]:

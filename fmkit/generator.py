@@ -11,6 +11,7 @@ Its folder form (`save_pretrained` / `from_pretrained`, as diffusers' models do)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterator, Mapping
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from fmkit import checkpoint
 from fmkit.batch import UNSPECIFIED, Cond, Condition, DataSpec, call_model
 from fmkit.errors import FmkitError
+from fmkit.folders import FolderKind, claim, write_atomic, write_json
 from fmkit.objective import Objective, as_model
 from fmkit.registry import unknown_name_message
 from fmkit.solver import Solution, Solver, build_solver
@@ -35,6 +38,7 @@ CONFIG, WEIGHTS = "config.json", "model.safetensors"
 # unconditional model's (benchmarks/conditional.py; docs/benchmarks.md). Unconditional models
 # are never guided.
 GUIDANCE, GUIDANCE_INTERVAL = 1.5, (0.2, 0.8)
+GUIDANCE_MAX = 100.0  # far beyond any useful weight; infinities would make NaN images
 # Sampling unless asked otherwise: Adams-Bashforth 2 on the shift schedule came within 1% of
 # dopri5 (200 NFE) at 20 steps, and within 1% at 8, on the quality benchmark (benchmarks.md,
 # "Without mirrored digits" and "Few-step generation").
@@ -126,13 +130,16 @@ class Samples:
         images: (N, C, H, W) float in [-1, 1] (roughly), on the CPU.
         nfe: network evaluations of each batch.
         seconds: wall time of the generation.
-        trajectory: (K, B, C, H, W) states of the first batch at the requested times, or None.
+        trajectory: (K, B, C, H, W) states of the first batch at the requested times (a
+            jumping sampler's: after each jump), or None.
+        trajectory_times: (K,) their times, or None.
     """
 
     images: Tensor
     nfe: list[int]
     seconds: float
     trajectory: Tensor | None = None
+    trajectory_times: Tensor | None = None
 
 
 class Generator:
@@ -198,11 +205,12 @@ class Generator:
         return cls(spec, module.eval(), device)
 
     def save_pretrained(self, folder: str | Path, fp16: bool = False) -> Path:
-        """Write config.json and model.safetensors (fp16 halves the file) into `folder`."""
+        """Write config.json and model.safetensors (fp16 halves the file) into `folder`, each
+        atomically; returns the folder. An earlier model folder there is replaced; any other
+        non-empty folder is refused before anything is written."""
         from fmkit import __version__
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        owned = claim(folder, MODEL_FOLDER)
         dtype = torch.float16 if fp16 else None
         weights = {
             k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
@@ -211,7 +219,6 @@ class Generator:
             .cpu()
             for k, v in self.module.state_dict().items()
         }
-        save_file(weights, folder / WEIGHTS)
         config = {
             "format": FORMAT,
             "format_version": 1,
@@ -219,8 +226,20 @@ class Generator:
             "dtype": "float16" if fp16 else "float32",
             "fmkit_version": __version__,
         }
-        (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        return folder
+        write_atomic(owned.path(WEIGHTS), safetensors_bytes(weights))
+        write_json(owned.path(CONFIG), config)
+        owned.retire(keep=(WEIGHTS, CONFIG))
+        return Path(folder)
+
+    def weights_digest(self) -> str:
+        """A SHA-256 of the weights (names, dtypes, shapes and values): what identifies the
+        model whatever file or folder it was read from (reflow pair folders record it)."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.module.state_dict().items()):
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # Sampling.
 
@@ -327,7 +346,7 @@ class Generator:
         if isinstance(solver, str):
             solver = build_solver(solver, steps=steps, options=solver_options)
         start = time.perf_counter()
-        images, nfe, kept = [], [], None
+        images, nfe, kept, kept_times = [], [], None, None
         for x, solution in self.batches(
             num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
             trajectory=trajectory, guidance=guidance, interval=interval,
@@ -336,7 +355,10 @@ class Generator:
             nfe.append(solution.nfe)
             if kept is None and trajectory >= 2:
                 kept = solution.trajectory.float().cpu()
-        return Samples(torch.cat(images), nfe, time.perf_counter() - start, kept)
+                kept_times = torch.linspace(0, 1, len(kept), dtype=torch.float64)
+                if solution.times is not None:  # e.g. MeanFlow's jumps, whatever was asked
+                    kept_times = solution.times.double().cpu()
+        return Samples(torch.cat(images), nfe, time.perf_counter() - start, kept, kept_times)
 
 
 class GuidedModel:
@@ -412,13 +434,17 @@ def _encode_one(condition: Condition, row: Mapping[str, Any]) -> int | list[int]
         value = row.get("class")
         if value is None:
             return UNSPECIFIED
+        # Names win: folders named 0..11 sort 0, 1, 10, 11, 2, ..., so "2" is the class named
+        # 2. An index is an int (the Python API) or spelled "#2".
         if isinstance(value, str) and value in names:
             return names.index(value)
+        if isinstance(value, str) and value[:1] == "#" and value[1:].isdigit():
+            value = int(value[1:])
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
             return value
-        if isinstance(value, str) and value.isdigit() and int(value) < len(names):
-            return int(value)
-        raise FmkitError(unknown_name_message("class", str(value), names))
+        raise FmkitError(
+            unknown_name_message("class", str(value), names) + " (an index: class=#INDEX)"
+        )
     states = [UNSPECIFIED] * len(names)
     for name, value in row.items():
         if name not in names:
@@ -431,6 +457,24 @@ def _encode_one(condition: Condition, row: Mapping[str, Any]) -> int | list[int]
             )
         states[names.index(name)] = state
     return states
+
+
+def _generator_config(root: Path) -> bool:
+    try:
+        return json.loads((root / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# A model folder; those written before folders were marked are recognised by their config.
+MODEL_FOLDER = FolderKind(
+    "model",
+    "an fmkit model folder",
+    "fmkit export",
+    signature=(CONFIG, WEIGHTS),
+    allowed=(CONFIG, WEIGHTS),
+    recognise=_generator_config,
+)
 
 
 def is_model_folder(path: Path) -> bool:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fmkit.batch import UNSPECIFIED, Batch, Cond, call_model
+from fmkit.errors import FmkitError
 from fmkit.solver import Solution, Solver, Velocity, integrate
 
 # A backbone as objectives see it: model(x, t, cond) -> (B, C, H, W); cond may be None.
@@ -135,6 +136,11 @@ def drop_conditions(
 class Objective(ABC):
     """A training objective (see the module docstring)."""
 
+    #: Boolean backbone options the objective needs switched on (MeanFlow: `two_times`, a
+    #: second time input). Training sets them in the backbone's options; a backbone whose
+    #: factory lacks one cannot train the objective (see `backbone_options`).
+    backbone_needs: tuple[str, ...] = ()
+
     @abstractmethod
     def loss(self, model: Model, batch: Batch, draws: Draws) -> Loss:
         """The loss of one micro-batch.
@@ -168,6 +174,29 @@ class Objective(ABC):
             times = torch.tensor([0.0, 1.0])
         times = times.to(noise.device, noise.dtype)
         return integrate(solver, self.velocity(model, cond), noise, times)
+
+
+def backbone_options(objective: Objective, name: str, backbone: str, options: dict) -> dict:
+    """The backbone's options with what `objective` (registered as `name`) needs switched on;
+    a backbone without such an option, or one set to false, is an error."""
+    from fmkit.options import conform
+    from fmkit.plugins import registry
+
+    options = dict(options)
+    for need in objective.backbone_needs:
+        if not registry("backbones").accepts(backbone, need):
+            raise FmkitError(
+                f"objective '{name}' needs a backbone with the option {need}, and backbone "
+                f"'{backbone}' has none"
+            )
+        try:
+            wanted = conform(options.get(need, True), bool)
+        except TypeError:
+            wanted = False
+        if not wanted:
+            raise FmkitError(f"objective '{name}' needs --backbone-opt {need}=true")
+        options[need] = True
+    return options
 
 
 def as_model(module: torch.nn.Module) -> Model:

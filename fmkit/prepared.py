@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from tqdm.auto import tqdm
 
 from fmkit.batch import Batch, Condition, DataSpec, collate, cond_from_labels, describe
 from fmkit.errors import FmkitError
+from fmkit.folders import FolderKind, claim, write_json
 from fmkit.pixels import to_float, to_pixels
 
 META = "meta.json"
@@ -43,16 +42,23 @@ def write_array(
 
     Items are (3, S, S) tensors in [-1, 1] or (image, label) tuples; a dataset with a
     `pixels(index)` method is read as uint8 directly (no float round trip). `num_workers`
-    processes decode in parallel.
+    processes decode in parallel. An earlier prepared array in `out` is replaced; any other
+    non-empty folder is refused before anything is written.
     """
     if not hasattr(dataset, "__len__") or len(dataset) == 0:
         raise FmkitError("only a non-empty map-style dataset can be prepared")
-    out = Path(out)
-    # A staging name of this process's own: concurrent writers (nodes sharing a cache
-    # directory) never write into each other's files.
-    staging = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    folder = claim(out, PREPARED)
+    # Written aside and moved into place whole (meta.json, which says the array is complete,
+    # last): concurrent writers (nodes sharing a cache directory) never mix their files, and
+    # an earlier array here is replaced, nothing else.
+    folder.write_staged(
+        lambda staging: _write_staged(dataset, staging, source, progress, num_workers, desc),
+        last=(META,),
+    )
+    return Path(out)
+
+
+def _write_staged(dataset, staging: Path, source: dict, progress: bool, workers: int, desc: str):
     first = _pixels(dataset, 0)
     images = np.lib.format.open_memmap(
         staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(dataset), *first.shape)
@@ -61,7 +67,7 @@ def write_array(
     loader = torch.utils.data.DataLoader(
         _Pixels(dataset),
         batch_size=256,
-        num_workers=num_workers,
+        num_workers=workers,
         collate_fn=np.stack,
         generator=torch.Generator(),
     )
@@ -80,12 +86,26 @@ def write_array(
     if labels is not None:  # what the labels are, so training can condition on them
         condition = describe(dataset, int(first.shape[0])).condition
         meta["condition"] = condition.to_dict()
-    (staging / META).write_text(json.dumps(meta, indent=2))
-    # Replace the old cache only once the new one is complete.
-    if out.exists():
-        shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
-    return out
+    write_json(staging / META, meta)
+
+
+def _array_meta(root: Path) -> bool:
+    try:
+        meta = json.loads((root / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"count", "image_size"} <= meta.keys()
+
+
+# A prepared array; those written before folders were marked are recognised by their files.
+PREPARED = FolderKind(
+    "prepared",
+    "a prepared array",
+    "fmkit prepare",
+    signature=(META, "images.npy"),
+    allowed=(META, "images.npy", "labels.npy"),
+    recognise=_array_meta,
+)
 
 
 class _Pixels(torch.utils.data.Dataset):

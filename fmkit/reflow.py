@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmkit.errors import FmkitError
+from fmkit.folders import Claim, FolderKind, claim, write_json
 from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
 from fmkit.pixels import to_uint8
 from fmkit.prepared import META
@@ -67,8 +67,11 @@ def write_pairs(
     interrupted folder made with the same settings.
 
     Args:
-        settings: what identifies the pairs besides the arguments (teacher path, solver spec):
-            a folder made with other settings is never extended.
+        settings: what identifies the pairs besides the arguments (the solver spec; the
+            teacher's path and step are recorded as information): a folder made with other
+            settings is never extended. The teacher's weights are identified by their digest
+            (`Generator.weights_digest`), so a teacher that changed at the same path (a resumed
+            run's newer final checkpoint) cannot extend its old pairs.
         batch_size: pairs per solve (adaptive solvers pick steps per batch, so the batch size
             is part of the settings too).
     """
@@ -83,6 +86,7 @@ def write_pairs(
     out = Path(out)
     record = {
         **settings,
+        "teacher_weights": teacher.weights_digest(),
         "num_pairs": num_pairs,
         "batch_size": batch_size,
         "seed": seed,
@@ -92,11 +96,12 @@ def write_pairs(
     }
     if condition.kind == "class":  # guidance means something only for a conditional teacher
         record.update(guidance=guidance, guidance_interval=list(GUIDANCE_INTERVAL))
-    done = _start(out, record)
+    folder, done = _start(out, record)
     if done is None:
         return out
+    folder.add(PAIRS, "images.npy", "noise_seeds.npy", "labels.npy", META)
     if not (out / PAIRS).is_file():  # first: a folder stopped at any later point resumes
-        _write_json(out / PAIRS, {**record, "done": 0})
+        write_json(out / PAIRS, {**record, "done": 0})
     shape = (spec.image_size, spec.image_size, spec.channels)
     mode = "r+" if (out / "images.npy").is_file() else "w+"
     try:
@@ -127,7 +132,7 @@ def write_pairs(
             images[done:stop] = to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
             images.flush()  # the pixels are on disk before the count that covers them
             done = stop
-            _write_json(out / PAIRS, {**record, "done": done})
+            write_json(out / PAIRS, {**record, "done": done})
             bar.update(stop - bar.n)
     del images
     meta = {
@@ -137,23 +142,36 @@ def write_pairs(
     }
     if labels is not None:
         meta["condition"] = condition.to_dict()
-    _write_json(out / META, meta)
+    write_json(out / META, meta)
     return out
 
 
-def _start(out: Path, record: dict) -> int | None:
-    """Pairs already done in `out` (0 for a new folder), or None when it is complete; a folder
-    made with other settings is an error."""
+# Settings recorded for information only: a teacher folder may move, its weights may not.
+INFORMATION = ("teacher", "teacher_step")
+
+
+def _start(out: Path, record: dict) -> tuple[Claim, int | None]:
+    """The folder and the pairs already done in it (0 for a new folder), or None when it is
+    complete; a folder made with other settings or another teacher's weights is an error."""
+    folder = claim(out, PAIR_FOLDER)
     if not (out / PAIRS).is_file():
-        if out.exists() and any(out.iterdir()):
-            raise FmkitError(f"{out} exists and is not a reflow pair folder; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        return 0
+        return folder, 0
     try:
         previous = json.loads((out / PAIRS).read_text())
     except (OSError, ValueError):
         raise FmkitError(f"{out / PAIRS} is unreadable; choose another --out") from None
-    changed = sorted(k for k in record if previous.get(k) != record[k])
+    if "teacher_weights" not in previous:
+        raise FmkitError(
+            f"{out} records its teacher by path only (an older fmkit wrote it), so these "
+            "weights cannot be checked against it; choose another --out"
+        )
+    changed = sorted(k for k in record if k not in INFORMATION and previous.get(k) != record[k])
+    if "teacher_weights" in changed:
+        raise FmkitError(
+            f"{out} holds pairs of other teacher weights than {record.get('teacher', 'these')} "
+            f"(step {previous.get('teacher_step')} then, {record.get('teacher_step')} now); "
+            "choose another --out to make new pairs"
+        )
     if changed:
         key = changed[0]
         raise FmkitError(
@@ -161,11 +179,16 @@ def _start(out: Path, record: dict) -> int | None:
             "choose another --out to make new pairs"
         )
     if (out / META).is_file():
-        return None
-    return int(previous.get("done", 0))
+        return folder, None
+    return folder, int(previous.get("done", 0))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    os.replace(staging, path)
+# A pair folder; those written before folders were marked are recognised by pairs.json.
+PAIR_FOLDER = FolderKind(
+    "pairs",
+    "reflow pairs",
+    "fmkit reflow",
+    signature=(PAIRS,),
+    allowed=(PAIRS, ".pairs.json.*", "pairs.json.tmp", "images.npy", "noise_seeds.npy",
+             "labels.npy", META),
+)  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,15 +9,34 @@ import torch
 
 from fmkit.batch import collate
 from fmkit.errors import FmkitError
+from fmkit.folders import FolderKind, claim, write_json
 from fmkit.generator import Generator
 from fmkit.likelihood import dequantized_bits_per_dim
 from fmkit.solver import Solver
 
+# A sweep's folder; those written before folders were marked are recognised by their files.
+SWEEP = FolderKind(
+    "sweep",
+    "a solver sweep",
+    "fmkit eval sweep",
+    signature=("sweep.json",),
+    allowed=("sweep.json", "sweep.md", "sweep.png"),
+)
+
 
 def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> None:
-    """sweep.json (every record), sweep.md (a table) and sweep.png (each metric vs NFE)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(records, indent=2))
+    """sweep.json (every record), sweep.md (a table) and sweep.png (each metric vs NFE) in
+    `out`, a new folder or an earlier sweep's (claim it with SWEEP before evaluating)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FmkitError("the sweep plot needs matplotlib: pip install 'fmkit[eval]'") from None
+    folder = claim(out, SWEEP)
+    folder.add("sweep.json", "sweep.md", "sweep.png")
+    write_json(out / "sweep.json", records)
     keys = [k for k in ("fid", "kid_mean", "precision", "recall") if k in records[0]]
     lines = [
         "| solver | mean NFE | " + " | ".join(keys) + " | images/s |",
@@ -37,13 +55,6 @@ def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> Non
         f"{ref.get('options', {})} at {ref.get('image_size')}px; {records[0]['backend']}, {records[0]['mode']}."
     )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FmkitError("the sweep plot needs matplotlib: pip install 'fmkit[eval]'") from None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for r in records:

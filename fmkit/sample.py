@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
+from fmkit.folders import FolderKind, claim
 from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
 from fmkit.pixels import to_unit
 from fmkit.solver import Solver
@@ -38,8 +39,11 @@ def sample_to_dir(
 ) -> SampleReport:
     """Generate `num_samples` images into `out`: grid.png, one PNG per sample and, with
     `trajectory` = K >= 2, trajectory.png (K states from noise to image for the first batch).
-    `cond`, `guidance` and `interval` are as in `Generator.sample`."""
-    out.mkdir(parents=True, exist_ok=True)
+    `cond`, `guidance` and `interval` are as in `Generator.sample`. A folder of earlier
+    samples is replaced; any other non-empty folder is refused before sampling starts."""
+    folder = claim(out, SAMPLES)
+    names = ["grid.png", *(f"{i:05d}.png" for i in range(num_samples))]
+    names += ["trajectory.png"] if trajectory >= 2 else []
     images, nfes = [], []
     batches = (num_samples + batch_size - 1) // batch_size
     start = time.perf_counter()
@@ -48,6 +52,8 @@ def sample_to_dir(
         trajectory=trajectory, guidance=guidance, interval=interval,
     )  # fmt: skip
     for b, (x, solution) in enumerate(stream):
+        if b == 0:  # the first batch worked: now the folder is written
+            folder.add(*names)
         if trajectory >= 2 and b == 0:
             trajectory_strip(solution.trajectory, out / "trajectory.png")
         images.append(x)
@@ -58,4 +64,14 @@ def sample_to_dir(
     visualize_samples(samples, out / "grid.png", nrow=max(1, int(num_samples**0.5)))
     for i, image in enumerate(to_unit(samples)):
         save_image(image, out / f"{i:05d}.png")
+    folder.retire(keep=names)  # an earlier, larger batch of samples leaves no strays
     return SampleReport(len(samples), nfes, seconds)
+
+
+SAMPLES = FolderKind(
+    "samples",
+    "samples",
+    "fmkit sample",
+    signature=("grid.png",),
+    allowed=("grid.png", "trajectory.png", "[0-9][0-9][0-9][0-9][0-9].png"),
+)

@@ -41,13 +41,16 @@ class Solution:
 
     Attributes:
         x: (B, C, H, W) the state at the final time.
-        trajectory: (K, B, C, H, W) states at the requested times.
+        trajectory: (K, B, C, H, W) states at the requested times (or, for a sampler that
+            jumps, such as MeanFlow's, the state after each jump).
         nfe: number of velocity evaluations the solver made.
+        times: (K,) the times of the trajectory's states.
     """
 
     x: Tensor
     trajectory: Tensor
     nfe: int
+    times: Tensor | None = None
 
 
 def integrate(solver: Solver, velocity: Velocity, x0: Tensor, times: Tensor) -> Solution:
@@ -64,7 +67,7 @@ def integrate(solver: Solver, velocity: Velocity, x0: Tensor, times: Tensor) -> 
         return velocity(t, x)
 
     trajectory = solver.solve(counted, x0, times)
-    return Solution(x=trajectory[-1], trajectory=trajectory, nfe=nfe)
+    return Solution(x=trajectory[-1], trajectory=trajectory, nfe=nfe, times=times)
 
 
 def build_solver(name: str, steps: int | None = None, options: dict | None = None) -> Solver:

@@ -25,8 +25,9 @@ from fmkit.batch import Batch
 from fmkit.config import TrainConfig, objective_options
 from fmkit.data import build_dataset, cached, data_spec, default_workers, make_loader, source_of
 from fmkit.errors import FmkitError
+from fmkit.folders import FolderKind, claim, write_json
 from fmkit.generator import Generator, ModelSpec, build_backbone
-from fmkit.objective import Draws, Objective, as_model
+from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
 from fmkit.plugins import plugin_info, registry
 from fmkit.solver import build_solver
@@ -141,19 +142,16 @@ class Run:
         self.last_saved: Path | None = None
 
     def execute(self, resume: bool) -> Path:
-        cfg = self.cfg
-        self.check(resume)
-        self.device = distributed.init(self.info, resolve_device(cfg.device), cfg.dist_timeout)
-        torch.manual_seed(cfg.seed)
-        self.objective = self.build_objective()  # every name and option checked before data
+        self.check(resume)  # every name, option and the output folder, before any data
+        self.device = distributed.init(
+            self.info, resolve_device(self.cfg.device), self.cfg.dist_timeout
+        )
+        torch.manual_seed(self.cfg.seed)
         self.load_data()
         self.build_model()
         if resume:
             self.resume()
-        if self.info.is_main:  # only now: a run that cannot start leaves nothing behind
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.loop()
+        self.loop()  # the run folder is written once the first step has worked
         final = self.save("final")
         self.grid("final_samples_grid")
         return final
@@ -162,7 +160,15 @@ class Run:
 
     def check(self, resume: bool) -> None:
         cfg, info = self.cfg, self.info
-        if not resume and any(self.out.glob("checkpoint_*.safetensors")):
+        self.folder = claim(self.out, RUN)
+        saved = self.folder.ours and any(self.out.glob("checkpoint_*.safetensors"))
+        if resume and not saved:
+            where = "does not exist" if not self.out.exists() else "holds no checkpoint"
+            raise FmkitError(
+                f"--resume: {self.out} {where}, so there is nothing to continue; check --output, "
+                "or drop --resume to start a new run"
+            )
+        if not resume and saved:
             # Never overwrite an earlier run's checkpoints by accident.
             raise FmkitError(
                 f"{self.out} already holds checkpoints; pass --resume to continue that run, "
@@ -175,16 +181,20 @@ class Run:
             )
         self.local_batch = cfg.batch_size // info.world_size  # this rank's images per step
         self.micro_batch = self.local_batch // cfg.grad_accum  # images per forward/backward
+        self.objective = self.build_objective()
         backbones = registry("backbones")  # options checked before any download
         if cfg.condition != "none" and not backbones.accepts(cfg.backbone, "data"):
             raise FmkitError(
                 f"backbone '{cfg.backbone}' takes no conditions (its factory has no `data` "
                 f"parameter); train it with --condition none"
             )
+        self.backbone_opts = backbone_options(
+            self.objective, cfg.objective, cfg.backbone, cfg.backbone_opts
+        )
         supplied = dict.fromkeys((*backbones.fixed, *backbones.optional))
         check_options(
             backbones.get(cfg.backbone).factory,
-            cfg.backbone_opts,
+            self.backbone_opts,
             f"backbone '{cfg.backbone}'",
             supplied,
         )
@@ -249,7 +259,7 @@ class Run:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.spec = ModelSpec(
             backbone=cfg.backbone,
-            backbone_opts=cfg.backbone_opts,
+            backbone_opts=self.backbone_opts,
             data=self.data,
             objective=cfg.objective,
             objective_opts=self.objective_opts,
@@ -316,24 +326,15 @@ class Run:
 
     def loop(self) -> None:
         cfg, state = self.cfg, self.state
-        total = cfg.max_steps
-        if total is None and self.sampler is not None:
-            total = self.sampler.batches * cfg.epochs
-        bar = tqdm(
-            total=total,
-            initial=state.step,
-            disable=not (self.progress and self.info.is_main),
-            unit="step",
-            dynamic_ncols=True,
-        )
-        self.metrics = open(self.out / "metrics.jsonl", "a") if self.info.is_main else None
-        self.board = _tensorboard(self.out) if self.info.is_main else None
         self.window = (time.perf_counter(), 0)  # start of the metrics window, images in it
         self.bad = NonFinite(self.device)
+        self.metrics = self.board = bar = None
         try:
             while not self.finished() and (cfg.max_steps is not None or state.epoch < cfg.epochs):
                 for micro in self.epoch_batches():
                     result = self.step(micro)
+                    if bar is None:
+                        bar = self.open_outputs()
                     bar.update(1)
                     self.periodic(result, bar)
                     if self.finished():
@@ -344,6 +345,29 @@ class Run:
             for closable in (self.metrics, self.board, bar):
                 if closable is not None:
                     closable.close()
+
+    def open_outputs(self):
+        """Write config.json, open metrics.jsonl and TensorBoard, and start the progress bar:
+        only once the first step has worked, so a run stopped by a mistake that only the model
+        or the objective could find leaves nothing behind. Returns the bar."""
+        cfg, state = self.cfg, self.state
+        total = cfg.max_steps
+        if total is None and self.sampler is not None:
+            total = self.sampler.batches * cfg.epochs
+        bar = tqdm(
+            total=total,
+            initial=state.step - 1,
+            disable=not (self.progress and self.info.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
+        if self.info.is_main:
+            if self.last_saved is None:  # a new run, or one that never saved: start it over
+                self.folder.retire()
+            write_json(self.folder.path("config.json"), cfg.to_dict())
+            self.metrics = open(self.folder.path("metrics.jsonl"), "a")
+            self.board = _tensorboard(self.folder)
+        return bar
 
     def finished(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
@@ -482,11 +506,11 @@ class Run:
             shown = grid_conditions(self.data.condition, math.ceil(cfg.num_samples / ncol))
             cond = [row for _, row in shown for _ in range(ncol)][: cfg.num_samples]
             captions = [f"row {r + 1}: {caption}" for r, (caption, _) in enumerate(shown)]
-            (self.out / f"{name}.txt").write_text("\n".join(captions) + "\n")
+            self.folder.path(f"{name}.txt").write_text("\n".join(captions) + "\n")
         samples = ema.sample(
             cfg.num_samples, cond=cond, solver=solver, seed=cfg.seed, batch_size=cfg.num_samples
         )
-        visualize_samples(samples.images, self.out / f"{name}.png", nrow=ncol)
+        visualize_samples(samples.images, self.folder.path(f"{name}.png"), nrow=ncol)
 
     def save(self, name: str) -> Path:
         """A checkpoint (collective: every rank takes part)."""
@@ -497,8 +521,13 @@ class Run:
             "components": self.spec.components,  # where checkpoints before model specs kept it
             "fmkit_version": fmkit_version,
         }
-        path = self.out / f"checkpoint_{name}.safetensors"
-        return self.state.save(path, metadata, self.info, self.device)
+        name = f"checkpoint_{name}.safetensors"
+        path = self.folder.path(name) if self.info.is_main else self.out / name
+        try:
+            return self.state.save(path, metadata, self.info, self.device)
+        except FmkitError as exc:  # a full disk, a folder made read-only: say what is safe
+            kept = f"{self.last_saved} is intact" if self.last_saved else "none was written yet"
+            raise FmkitError(f"{exc}; the last checkpoint {kept}") from None
 
 
 class NonFinite:
@@ -554,10 +583,34 @@ def due(every: int | None, count: int) -> bool:
     return every is not None and every > 0 and count % every == 0
 
 
-def _tensorboard(out: Path):
-    """A TensorBoard writer when the tensorboard package is installed, else None."""
+def _tensorboard(folder):
+    """A TensorBoard writer in the run folder when tensorboard is installed, else None."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(folder.path("tensorboard")))
+
+
+def _records_training(root: Path) -> bool:
+    """A training config.json, or checkpoints (a run whose config.json was lost)."""
+    if any(root.glob("checkpoint_*.safetensors")):
+        return True
+    try:
+        config = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"backbone", "dataset"} <= config.keys()
+
+
+# A run folder; those written before folders were marked are recognised by their files.
+RUN = FolderKind(
+    "run",
+    "a training run",
+    "fmkit train",
+    allowed=(
+        "config.json", "metrics.jsonl", "tensorboard", "checkpoint_*.safetensors",
+        ".checkpoint_*.tmp", "samples_*.png", "samples_*.txt", "final_samples_grid.*",
+    ),
+    recognise=_records_training,
+)  # fmt: skip

@@ -4,6 +4,7 @@ writes such shards from the usual class-per-folder layout."""
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
 import random
@@ -15,6 +16,7 @@ import torch
 
 from fmkit import FmkitError, hookimpl
 from fmkit.batch import Condition, DataSpec
+from fmkit.folders import FolderKind, claim, inside
 from fmkit.images import IMAGE_EXTENSIONS, crop_resize, open_rgb
 from fmkit.pixels import pil_pixels, to_float
 
@@ -179,13 +181,31 @@ def write_shards(src: Path, out: Path, per_shard: int, seed: int, prefix: str) -
     if not items:
         raise FmkitError(f"no images in the class folders of {src}")
     random.Random(seed).shuffle(items)  # shards must not hold one class each
-    out.mkdir(parents=True, exist_ok=True)
+    if inside(out, src) or inside(src, out):
+        raise FmkitError(f"--out {out} and --src {src} overlap; choose an --out outside --src")
+    folder = claim(out, SHARD_FOLDER)
+    shards = [f"{prefix}-{k:06d}.tar" for k in range(-(-len(items) // per_shard))]
+    folder.add(*shards, "classes.txt")
     with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i, (path, index) in enumerate(items):
             ext = "jpg" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lower()[1:]
             sink.write({"__key__": f"{i:08d}", ext: path.read_bytes(), "cls": index})
     (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    # Shards of this split from an earlier, larger write must not be read with the new ones.
+    stale = fnmatch.filter(folder.recorded, f"{glob.escape(prefix)}-*.tar")
+    folder.retire(keep=[n for n in folder.recorded if n not in stale or n in shards])
     return len(items), len(classes)
+
+
+# A shard folder (several splits may share one); those written before folders were marked
+# are recognised by their files.
+SHARD_FOLDER = FolderKind(
+    "shards",
+    "WebDataset shards",
+    "fmkit prepare imagenet",
+    signature=("classes.txt",),
+    allowed=("classes.txt", "*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"),
+)
 
 
 @hookimpl

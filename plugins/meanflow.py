@@ -12,7 +12,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmkit import Solution, Solver, hookimpl
 from fmkit.batch import Batch, Cond
-from fmkit.errors import FmkitError
 from fmkit.flow import TIME_SAMPLING, base_is_uniform, time_from_base
 from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
 from fmkit.path import ProbabilityPath
@@ -38,6 +37,8 @@ class MeanFlowObjective(Objective):
             adaptive weighting; 0 is the plain squared error).
         cond_dropout, attribute_dropout: condition dropout as in flow matching.
     """
+
+    backbone_needs = ("two_times",)  # u(x, t, r) takes the interval's end r
 
     def __init__(
         self,
@@ -110,11 +111,13 @@ class MeanFlowObjective(Objective):
     ) -> Solution:
         """Jump along the solver's time grid: x_{k+1} = x_k + (t_{k+1} - t_k) u(x_k, t_k,
         t_{k+1}), one evaluation per step (`--steps 1` is one-step generation). An adaptive
-        solver integrates the instantaneous velocity u(x, t, t) instead."""
+        solver integrates the instantaneous velocity u(x, t, t) instead.
+
+        Jumps have no states in between: when `times` asks for a trajectory (more than its
+        two ends), the trajectory is the noise and the state after each jump, at the grid's
+        times (`Solution.times`), whatever times were asked for."""
         if solver.adaptive:
             return super().generate(model, noise, solver, cond, times)
-        if times is not None and len(times) != 2:
-            raise FmkitError("meanflow models jump from noise to data; trajectories are not kept")
         grid_of = getattr(solver, "grid", None)
         if grid_of is not None:
             grid = grid_of(0.0, 1.0)
@@ -126,7 +129,9 @@ class MeanFlowObjective(Objective):
             times = t.expand(x.shape[0])
             x = x + (r - t) * model(x, times, {**(cond or {}), "r": r.expand(x.shape[0])})
             states.append(x)
-        return Solution(x=x, trajectory=torch.stack([states[0], x]), nfe=len(grid) - 1)
+        if times is None or len(times) <= 2:  # the ends only
+            return Solution(x, torch.stack([noise, x]), len(grid) - 1, grid[[0, -1]])
+        return Solution(x, torch.stack(states), len(grid) - 1, grid)
 
 
 def meanflow(
@@ -140,7 +145,7 @@ def meanflow(
     cond_dropout: float = 0.1,
     attribute_dropout: float = 0.5,
 ) -> MeanFlowObjective:
-    """MeanFlow (Geng et al. 2025), one-step generation; needs a backbone with two_times=true.
+    """MeanFlow (Geng et al. 2025), one-step generation; turns on the backbone's two_times.
 
     Options: time_sampling, time_loc, time_scale (the paper's logit-normal(-0.4, 1), which
     leans to the data end; here t = 1 is data, so loc 0.4), equal_fraction (share of r = t), adaptive_p (loss weighting power),

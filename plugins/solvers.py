@@ -4,6 +4,8 @@ Adams-Bashforth method, and the time-step schedules every fixed-grid solver take
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
@@ -76,9 +78,21 @@ class GridSolver(Solver):
     ) -> None:
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        for key, value in (("power", power), ("shift", shift), ("rho", rho)):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{key} must be a positive finite number, got {value}")
         self.steps = steps
         self.schedule = dict(name=schedule, power=power, shift=shift, rho=rho)
-        self.grid(0.0, 1.0)  # a bad schedule or parameter fails here, not mid-sampling
+        # A bad schedule fails here, not mid-sampling: grid points that are not finite or that
+        # coincide even in float64 (power=1e6 puts all but the first at t = 1) make no steps.
+        grid = self.grid(0.0, 1.0)
+        if not bool(torch.isfinite(grid).all()) or bool((grid.diff() <= 0).any()):
+            key = {"power": "power", "shift": "shift", "edm": "rho"}.get(schedule)
+            given = f" with {key}={self.schedule[key]:g}" if key else ""
+            raise ValueError(
+                f"the {schedule} schedule{given} gives no {steps} distinct finite steps; "
+                "choose a milder value or fewer steps"
+            )
 
     def grid(self, t0: float, t1: float) -> Tensor:
         """The steps' end points, (steps + 1,) from t0 to t1 (float64)."""
@@ -86,6 +100,11 @@ class GridSolver(Solver):
         u = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
         grid = lo + (hi - lo) * schedule_fraction(u=u, **self.schedule)
         return grid if t0 <= t1 else grid.flip(0)
+
+
+# Step sizes and ratios are taken from the float64 grid: near t = 1 a dense schedule (power=4
+# at 100 steps) has neighbours that float32 cannot tell apart, and a ratio of their float32
+# differences is 0 / 0. The model is still asked at float32 times.
 
 
 class FixedStepSolver(GridSolver):
@@ -115,15 +134,16 @@ class AdamsBashforth2(GridSolver):
     """
 
     def solve(self, velocity: Velocity, x0: Tensor, times: Tensor) -> Tensor:
-        grid = self.grid(float(times[0]), float(times[-1])).to(times.device, times.dtype)
+        grid = self.grid(float(times[0]), float(times[-1]))  # (steps + 1,) float64, CPU
+        at = grid.to(times.device, times.dtype)  # the times the model is asked at
         states, previous = [x0], None
         for n in range(self.steps):
-            t, h = grid[n], grid[n + 1] - grid[n]
-            v = velocity(t, states[-1])
+            h = float(grid[n + 1] - grid[n])
+            v = velocity(at[n], states[-1])
             if previous is None:
                 step = v
             else:
-                r = h / (t - grid[n - 1])
+                r = h / float(grid[n] - grid[n - 1])
                 step = (1 + r / 2) * v - (r / 2) * previous
             states.append(states[-1] + h * step)
             previous = v
@@ -131,15 +151,15 @@ class AdamsBashforth2(GridSolver):
 
 
 def _at(times: Tensor, grid: Tensor, states: Tensor) -> Tensor:
-    """(K, ...) states at `times`, linearly interpolated from (N + 1, ...) states on `grid`
-    (monotone, same direction as `times`)."""
+    """(K, ...) states at `times`, linearly interpolated from (N + 1, ...) states on the
+    float64 `grid` (strictly monotone, same direction as `times`)."""
     sign = 1.0 if grid[-1] >= grid[0] else -1.0
     ascending = grid * sign
     out = []
-    for t in times * sign:
+    for t in times.double().cpu() * sign:
         j = int(torch.searchsorted(ascending, t.reshape(1), right=True).clamp(1, len(grid) - 1))
-        w = ((t - ascending[j - 1]) / (ascending[j] - ascending[j - 1])).clamp(0, 1)
-        out.append(states[j - 1] + w.to(states.dtype) * (states[j] - states[j - 1]))
+        w = float(((t - ascending[j - 1]) / (ascending[j] - ascending[j - 1])).clamp(0, 1))
+        out.append(states[j - 1] + w * (states[j] - states[j - 1]))
     return torch.stack(out)
 
 

@@ -62,8 +62,12 @@ def server(model_folder):
 
 
 def post(url, body):
+    """POST a generation as the demo's own page does: JSON, from its own origin."""
     request = urllib.request.Request(
-        url + "/api/generate", json.dumps(body).encode(), method="POST"
+        url + "/api/generate",
+        json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Origin": url},
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:

@@ -87,11 +87,22 @@ def test_meanflow_trains_and_samples_in_one_two_and_four_steps(faces, tmp_path, 
     assert math.isfinite(float(samples.images.mean()))
 
 
-def test_meanflow_needs_a_backbone_that_takes_two_times(faces, tmp_path, run_cli):
+def test_meanflow_trains_as_written_and_turns_on_the_second_time(faces, tmp_path, run_cli):
+    """The objective says what it needs (`backbone_needs`), so `--objective meanflow` works
+    without --backbone-opt two_times=true, and the model records it."""
+    result = run_cli(*train_args(faces, tmp_path / "x", "--objective", "meanflow",
+                                 "--max-steps", 1))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Generator.load(tmp_path / "x").spec.backbone_opts["two_times"] is True
+
+
+def test_meanflow_refuses_two_times_false_before_writing(faces, tmp_path, run_cli):
+    """Defect 4 of the safety issue: the refusal came after config.json and metrics.jsonl."""
     line = one_line_error(run_cli(*train_args(faces, tmp_path / "x", "--objective", "meanflow",
+                                              "--backbone-opt", "two_times=false",
                                               "--max-steps", 1)))  # fmt: skip
     assert "two_times=true" in line
-    assert not list((tmp_path / "x").glob("checkpoint_*"))
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("opt", ["equal_fraction=1.5", "adaptive_p=-1"])

@@ -56,6 +56,7 @@ def test_train_writes_checkpoints_grids_metrics_then_sample(tmp_path, faces, run
     assert "batch 1/2: 3 images, NFE 12" in result.output
     assert "images/s" in result.output
     assert sorted(p.name for p in s.iterdir()) == [
+        ".fmkit-folder.json",  # the mark: these files are fmkit sample's
         "00000.png",
         "00001.png",
         "00002.png",
@@ -77,6 +78,8 @@ def test_train_writes_checkpoints_grids_metrics_then_sample(tmp_path, faces, run
         tmp_path / "d",
         "--solver-opt",
         "rtol=1e-3",
+        "--steps",
+        7,
     )
     assert "note: dopri5 is adaptive; --steps is ignored" in adaptive.output
 
@@ -131,7 +134,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(fd):
         raise KeyboardInterrupt  # the process dies between writing and renaming
 
-    monkeypatch.setattr("fmkit.checkpoint.os.fsync", crash)
+    monkeypatch.setattr("fmkit.folders.os.fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(path, {"w": torch.zeros(3)}, {"step": 2})
     tensors, meta = checkpoint.load(path)

@@ -162,13 +162,19 @@ def allowed_hosts(host: str, port: int) -> set[str]:
     return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
 
 
-def serve(generator: Generator, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+def serve(
+    generator: Generator,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> ThreadingHTTPServer:
     """A server bound to host:port (port 0 picks a free one; see `server.server_address`);
-    call `serve_forever()` on it. It answers requests for the loopback names and `host` only
-    (see the module docstring). A port in use is an FmkitError."""
+    call `serve_forever()` on it. It answers requests for the loopback names and `host` only,
+    and drops a connection silent for `idle_timeout` seconds (see the module docstring). A
+    port in use is an FmkitError."""
     demo = Demo(generator)
     try:
-        server = _Server((host, port), _handler(demo))
+        server = _Server((host, port), _handler(demo, idle_timeout))
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise FmkitError(f"port {port} on {host} is in use; pick another with --port") from None
@@ -178,9 +184,9 @@ def serve(generator: Generator, host: str = "127.0.0.1", port: int = 7860) -> Th
     return server
 
 
-def _handler(demo: Demo) -> type[BaseHTTPRequestHandler]:
+def _handler(demo: Demo, idle_timeout: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        timeout = IDLE_TIMEOUT  # applied to the connection's socket: silence ends it
+        timeout = idle_timeout  # applied to the connection's socket: silence ends it
 
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
             try:

@@ -62,11 +62,16 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
     errors = []
 
     def write(staging: Path) -> None:
-        if unconditional:
-            diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
-        else:
-            unet.save_pretrained(staging / "unet")
-            scheduler.save_pretrained(staging / "scheduler")
+        try:
+            if unconditional:
+                diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+            else:
+                unet.save_pretrained(staging / "unet")
+                scheduler.save_pretrained(staging / "scheduler")
+        except OSError:
+            raise
+        except Exception as exc:  # safetensors' own error on a full disk
+            raise FmkitError(f"cannot write the export to {out}: {_cause(exc)}") from None
         (staging / "README.md").write_text(_diffusers_note(generator, unconditional))
         loaded = diffusers.UNet2DModel.from_pretrained(staging / "unet", low_cpu_mem_usage=False)
         error = 0.0
@@ -120,9 +125,8 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
                 verbose=False,
             )
         except Exception as exc:  # the exporter's own errors are long; say which model failed
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FmkitError(
-                f"export: ONNX export of {generator.spec.backbone!r} failed: {first}"
+                f"export: ONNX export of {generator.spec.backbone!r} failed: {_cause(exc)}"
             ) from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         error = 0.0
@@ -141,6 +145,16 @@ def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportR
 
     installed = folder.write_staged(write)
     return ExportReport(_files(installed), errors[0])
+
+
+def _cause(exc: Exception) -> str:
+    """The line of a library's exception worth showing: the operating system's cause when it
+    carries one (a full disk inside a safetensors or ONNX error), else its first line."""
+    text = str(exc).strip()
+    for cause in ("No space left on device", "Read-only file system", "Permission denied"):
+        if cause in text:
+            return cause
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _files(paths: list[Path]) -> list[Path]:

@@ -131,6 +131,12 @@ class Claim:
             else:
                 self._write_mark()
             raise
+        # Libraries write some files privately (safetensors: 0600); outputs get what the
+        # umask gives, as every other file fmkit writes.
+        mask = _umask()
+        for path in staging.rglob("*"):
+            if not path.is_symlink():
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
         return self.install(staging, last)
 
     def install(self, staging: Path, last: Iterable[str] = ()) -> list[Path]:

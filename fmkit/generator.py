@@ -205,9 +205,9 @@ class Generator:
         return cls(spec, module.eval(), device)
 
     def save_pretrained(self, folder: str | Path, fp16: bool = False) -> Path:
-        """Write config.json and model.safetensors (fp16 halves the file) into `folder`, each
-        atomically; returns the folder. An earlier model folder there is replaced; any other
-        non-empty folder is refused before anything is written."""
+        """Write config.json and model.safetensors (fp16 halves the file) into `folder`;
+        returns the folder. An earlier model folder there is replaced; any other non-empty
+        folder is refused before anything is written."""
         from fmkit import __version__
 
         owned = claim(folder, MODEL_FOLDER)
@@ -226,9 +226,12 @@ class Generator:
             "dtype": "float16" if fp16 else "float32",
             "fmkit_version": __version__,
         }
-        write_atomic(owned.path(WEIGHTS), safetensors_bytes(weights))
-        write_json(owned.path(CONFIG), config)
-        owned.retire(keep=(WEIGHTS, CONFIG))
+
+        def write(staging: Path) -> None:
+            write_atomic(staging / WEIGHTS, safetensors_bytes(weights))
+            write_json(staging / CONFIG, config)
+
+        owned.write_staged(write)  # in place whole, or (a full disk) not at all
         return Path(folder)
 
     def weights_digest(self) -> str:

@@ -354,20 +354,19 @@ class Run:
         total = cfg.max_steps
         if total is None and self.sampler is not None:
             total = self.sampler.batches * cfg.epochs
-        bar = tqdm(
-            total=total,
-            initial=state.step - 1,
-            disable=not (self.progress and self.info.is_main),
-            unit="step",
-            dynamic_ncols=True,
-        )
         if self.info.is_main:
             if self.last_saved is None:  # a new run, or one that never saved: start it over
                 self.folder.retire()
             write_json(self.folder.path("config.json"), cfg.to_dict())
             self.metrics = open(self.folder.path("metrics.jsonl"), "a")
             self.board = _tensorboard(self.folder)
-        return bar
+        return tqdm(
+            total=total,
+            initial=state.step - 1,
+            disable=not (self.progress and self.info.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
 
     def finished(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps

@@ -126,8 +126,8 @@ class MeanFlowObjective(Objective):
         grid = grid.to(noise.device, noise.dtype)
         x, states = noise, [noise]
         for t, r in zip(grid[:-1], grid[1:], strict=True):
-            times = t.expand(x.shape[0])
-            x = x + (r - t) * model(x, times, {**(cond or {}), "r": r.expand(x.shape[0])})
+            start = t.expand(x.shape[0])
+            x = x + (r - t) * model(x, start, {**(cond or {}), "r": r.expand(x.shape[0])})
             states.append(x)
         if times is None or len(times) <= 2:  # the ends only
             return Solution(x, torch.stack([noise, x]), len(grid) - 1, grid[[0, -1]])

@@ -99,6 +99,7 @@ class GridSolver(Solver):
         lo, hi = min(t0, t1), max(t0, t1)
         u = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
         grid = lo + (hi - lo) * schedule_fraction(u=u, **self.schedule)
+        grid[0], grid[-1] = lo, hi  # exactly: rounding in a schedule must not move the ends
         return grid if t0 <= t1 else grid.flip(0)
 
 

@@ -215,7 +215,7 @@ def test_no_network_says_where_to_put_the_files(tmp_path, server, run_cli):
         "prepare",
         "celeba",
         "--data-dir",
-        tmp_path,
+        tmp_path / "data",
         "--out",
         tmp_path / "o",
         "--dataset-opt",
@@ -223,7 +223,7 @@ def test_no_network_says_where_to_put_the_files(tmp_path, server, run_cli):
     )
     line = one_line_error(result)
     assert "could not get CelebA" in line and "img_align_celeba.zip" in line
-    assert str((tmp_path / "celeba").resolve()) in line
+    assert str((tmp_path / "data" / "celeba").resolve()) in line
 
 
 def test_first_run_without_network_fails_fast_in_one_line(tmp_path, monkeypatch, run_cli):

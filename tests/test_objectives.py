@@ -206,6 +206,7 @@ def test_generator_folder_round_trip_gives_the_same_images(trained, tmp_path, ru
     result = run_cli("export", "--checkpoint", trained, "--out", tmp_path / "model")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        ".fmkit-folder.json",  # the mark: fmkit export wrote these
         "config.json",
         "model.safetensors",
     ]

@@ -206,3 +206,48 @@ def test_one_evaluation_methods_default_to_the_shift_schedule():
 def test_an_unknown_schedule_is_a_clear_error():
     with pytest.raises(FmkitError, match="unknown schedule 'cosine'; choose from uniform"):
         build_solver("euler", steps=4, options={"schedule": "cosine"})
+
+
+# The safety issue's defect 5: the default solver returned black (NaN, cast to 0) images on
+# dense power schedules, whose float32 neighbours near t = 1 coincide (ab2's step ratio was
+# 0 / 0), and extreme schedule parameters gave non-finite grids unchecked.
+# (schedule, parameters, steps, accuracy expected of the final state; None: too few steps
+# where they matter for any accuracy, but still never NaN)
+DENSE = [
+    ("power", {"power": 4.0}, 100, 0.05),
+    ("power", {"power": 10.0}, 20, None),
+    ("power", {"power": 3.0}, 500, 0.05),
+    ("shift", {"shift": 1e-4}, 50, None),
+    ("shift", {"shift": 1e4}, 50, None),
+    ("edm", {"rho": 30.0}, 100, 0.05),
+]
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_NFE_PER_STEP))
+@pytest.mark.parametrize("schedule, params, steps, atol", DENSE)
+def test_no_solver_returns_nan_on_dense_schedules(name, schedule, params, steps, atol):
+    solver = build_solver(name, steps=steps, options={"schedule": schedule, **params})
+    x0 = torch.randn(2, 3, 4, 4)  # float32, as images are sampled
+    for times in (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), torch.linspace(0, 1, 5)):
+        solution = integrate(solver, time_dependent, x0, times)
+        assert torch.isfinite(solution.trajectory).all(), (name, schedule, params, times)
+    if atol is not None:  # and it still solves the ODE: the final state is the closed form's
+        exact = CASES[1][1](x0.double(), 1.0).float()
+        final = integrate(solver, time_dependent, x0, torch.tensor([0.0, 1.0])).x
+        torch.testing.assert_close(final, exact, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"schedule": "shift", "shift": float("inf")}, "shift must be a positive finite number"),
+        ({"schedule": "edm", "rho": float("inf")}, "rho must be a positive finite number"),
+        ({"schedule": "power", "power": float("nan")}, "power must be a positive finite number"),
+        ({"schedule": "shift", "shift": 1e-300}, "distinct finite steps"),
+        ({"schedule": "power", "power": 1e6}, "distinct finite steps"),
+    ],
+)
+def test_degenerate_grids_are_refused_when_the_solver_is_built(options, message):
+    for name in sorted(FIXED_NFE_PER_STEP):
+        with pytest.raises(FmkitError, match=message):
+            build_solver(name, steps=20, options=options)

@@ -388,8 +388,9 @@ def sample_command(
     f"{GUIDANCE_INTERVAL[0]:g} <= t <= {GUIDANCE_INTERVAL[1]:g}).",
 )
 @_device_option
+@click.pass_context
 def reflow_command(
-    teacher, num_pairs, out, solver, steps, solver_opts, batch_size, seed, guidance, device
+    ctx, teacher, num_pairs, out, solver, steps, solver_opts, batch_size, seed, guidance, device
 ) -> None:
     """Write a teacher's noise-image pairs for `fmkit train --objective reflow` (rectified flow,
     Liu et al. 2023); an interrupted run resumes when called again with the same settings.
@@ -404,7 +405,9 @@ def reflow_command(
     options = parse_options(solver_opts, "--solver-opt")
     built = build_solver(solver, steps=steps, options=options)
     model = Generator.load(teacher, device=resolve_device(device))
-    # The checkpoint a run directory means now: a resumed pair folder must use the same one.
+    if ctx.get_parameter_source("guidance") is not ParameterSource.DEFAULT:
+        check_guidance(model, {"guidance"})
+    # The checkpoint a run directory means now, recorded with the weights' digest.
     source = teacher if is_model_folder(teacher) else checkpoint.resolve(teacher)
     spec = f"{solver}" if built.adaptive else f"{solver}:{steps}"
     spec += "".join(f":{k}={v}" for k, v in sorted(options.items()))
@@ -745,6 +748,7 @@ def eval_nll(
     seed, ema, device,
 ):  # fmt: skip
     """Negative log-likelihood in bits/dim (uniform dequantisation; dopri5 + Hutchinson trace)."""
+    built = build_solver(solver, options=parse_options(solver_opts, "--solver-opt"))
     generator = Generator.load(ckpt, ema=ema, device=resolve_device(device))
     trained_on = training_data(ckpt)
     if dataset is None and not trained_on:
@@ -761,7 +765,6 @@ def eval_nll(
             f"note: dataset '{name}' has no splits; --split {split} is ignored "
             "and its images are scored as they are"
         )
-    built = build_solver(solver, options=parse_options(solver_opts, "--solver-opt"))
     report = {**bits_per_dim(generator, data, built, num_images, batch_size, seed), "split": served}
     click.echo(
         f"{report['bits_per_dim']:.4f} bits/dim ± {report['stderr']:.4f} over {report['images']} "

@@ -264,12 +264,15 @@ def range_text(meta: dict) -> str:
     if meta.get("zero_is_none") and low is None:
         low = 0
     if low is not None and high is not None:
-        return f"between {low:g} and {high:g}"
+        return f"between {_number(low)} and {_number(high)}"
     if low is not None:
-        return f"{'>' if meta.get('min_open') else '>='} {low:g}" + (
-            " (0: off)" if meta.get("zero_is_none") else ""
-        )
-    return f"<= {high:g}" if high is not None else "any number"
+        off = " (0: off)" if meta.get("zero_is_none") else ""
+        return f"{'>' if meta.get('min_open') else '>='} {_number(low)}{off}"
+    return f"<= {_number(high)}" if high is not None else "any number"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def read_toml(path: Path) -> dict:

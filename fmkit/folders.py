@@ -115,19 +115,20 @@ class Claim:
         share one), then `install` moves its entries in. If `write` fails, the staging folder
         goes, and so does the root when this write created it: a failed export or array
         leaves nothing behind. Returns the installed paths."""
-        new = not self.ours and not (self.root.exists() and any(self.root.iterdir()))
+        created = not self.root.exists()  # by this write: it may take the folder away again
         name = f".staging-{socket.gethostname()}-{os.getpid()}"
         staging = self.path(name)
         _remove(staging)  # a leftover of a crashed process that had this pid
-        staging.mkdir()
         try:
+            staging.mkdir()
             write(staging)
         except BaseException:
             _remove(staging)
             self.recorded.remove(name)
-            if new and {p.name for p in self.root.iterdir()} <= {MARK}:
-                _remove(self.root / MARK)
-                self.root.rmdir()
+            if not self.ours and {p.name for p in self.root.iterdir()} <= {MARK}:
+                _remove(self.root / MARK)  # the folder is as it was before the write
+                if created:
+                    self.root.rmdir()
             else:
                 self._write_mark()
             raise

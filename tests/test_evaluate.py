@@ -249,6 +249,12 @@ def test_eval_nll_on_a_tiny_trained_model(faces, tmp_path, run_cli):
     assert f"{report['bits_per_dim']:.4f} bits/dim ± " in result.output
     _, meta = checkpoint.load(run / "checkpoint_final.safetensors")
     assert meta["config"]["dataset"] == "folder"
+    # The safety issue's defect 5: ab2 on a dense power grid gave NaN here too (1 -> 0).
+    dense = run_cli("eval", "nll", "--checkpoint", run, "--num-images", 2, "--batch-size", 2,
+                    "--solver", "ab2", "--solver-opt", "schedule=power", "--solver-opt",
+                    "power=4")  # fmt: skip
+    assert dense.exit_code == 0, dense.output
+    assert math.isfinite(json.loads(dense.output[dense.output.index("{") :])["bits_per_dim"])
 
 
 def test_eval_nll_never_scores_training_images_as_test_images(faces, tmp_path, run_cli):
@@ -317,3 +323,61 @@ def test_published_npz_statistics_are_accepted_and_pickles_refused(
     np.savez(evil, mu=np.array([{"a": 1}], dtype=object), sigma=np.zeros((2, 2)))
     line = one_line_error(run_cli("eval", "fid", *common, "--reference-stats", evil))
     assert "pickled object arrays are refused" in line
+
+
+def test_eval_fid_of_a_conditional_model_conditions_it_as_the_field_does(
+    weights, tmp_path, run_cli
+):
+    """The safety issue's defect 12: `eval fid` of a conditional model took no condition and
+    no guidance, so the backbone saw "unspecified" and the score was its unconditional half's.
+    Now the classes follow the data's frequencies (or are uniform, or fixed), guided at the
+    model's weight and interval unless asked otherwise, and the record says so."""
+    from fmkit import Generator
+    from fmkit.evaluate import plan_conditions
+
+    data = tmp_path / "data"
+    for i in range(16):  # 12 red, 4 blue
+        name = "red" if i < 12 else "blue"
+        write_image(
+            data / name / f"{i:02d}.png", size=(16, 16), color=(200 if i < 12 else 20, 40, 90 + i)
+        )
+    run = tmp_path / "run"
+    trained = run_cli("train", "--dataset", "folder", "--data-dir", data, "--image-size", 16,
+                      "--batch-size", 4, "--max-steps", 2, "--num-samples", 2, "--sample-steps",
+                      1, "--condition", "class", "--output", run, *TINY)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    common = ["eval", "fid", "--checkpoint", run, "--inception-weights", weights, "--cache-dir",
+              tmp_path / "cache", "--num-samples", 6, "--batch-size", 6, "--solver", "euler",
+              "--steps", 2]  # fmt: skip
+
+    def record(*extra):
+        out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+        result = run_cli(*common, *extra, "--json", out)
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text()), result.output
+
+    default, output = record()
+    assert default["conditions"] == {"kind": "class", "sampling": "data", "guidance": 1.5,
+                                     "guidance_interval": [0.2, 0.8], "data_rows": 16}  # fmt: skip
+    assert "class data, guidance 1.5 at 0.2..0.8" in output
+    red, _ = record("--cond", "class=red", "--guidance", 3, "--guidance-interval", "0,1")
+    assert red["conditions"]["sampling"] == "fixed" and red["conditions"]["fixed"] == {
+        "class": "red"
+    }
+    assert red["conditions"]["guidance"] == 3 and red["conditions"]["guidance_interval"] == [0, 1]
+    blue, _ = record("--cond", "class=blue", "--guidance", 3, "--guidance-interval", "0,1")
+    assert blue["fid"] != red["fid"]  # the backbone saw the class asked for
+    uniform, _ = record("--cond-sampling", "uniform")
+    assert uniform["conditions"]["sampling"] == "uniform"
+    # The draws themselves: the data's frequencies (3:1), or uniform.
+    generator = Generator.load(run)
+    source = {"dataset": "folder", "data_dir": str(data), "split": "train", "options": {}}
+    plan = plan_conditions(generator, cond=None, sampling=None, guidance=None, interval=None,
+                           data=source)  # fmt: skip
+    red_index = generator.data.condition.names.index("red")
+    drawn = plan.draw(4000, seed=0)["class"]
+    assert abs((drawn == red_index).float().mean().item() - 0.75) < 0.03
+    assert torch.equal(drawn, plan.draw(4000, seed=0)["class"])  # seeded
+    plan = plan_conditions(generator, cond=None, sampling="uniform", guidance=None,
+                           interval=None, data=None)  # fmt: skip
+    assert abs((plan.draw(4000, seed=0)["class"] == red_index).float().mean().item() - 0.5) < 0.03

@@ -177,6 +177,24 @@ class Claim:
         write_atomic(self.root / MARK, (json.dumps(mark, indent=1) + "\n").encode())
 
 
+def json_file(name: str, keys: Iterable[str] = (), **values) -> Callable[[Path], bool]:
+    """A `FolderKind.recognise` check: `root / name` is a JSON object holding `keys` and
+    `values` (e.g. a prepared array's meta.json, a model folder's config.json)."""
+
+    def recognise(root: Path) -> bool:
+        try:
+            data = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            return False
+        return (
+            isinstance(data, dict)
+            and set(keys) <= data.keys()
+            and all(data.get(k) == v for k, v in values.items())
+        )
+
+    return recognise
+
+
 def claim(root: str | Path, kind: FolderKind) -> Claim:
     """Check that `kind` may write `root`, writing nothing (see the module docstring)."""
     root = Path(root)

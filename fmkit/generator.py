@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from fmkit import checkpoint
 from fmkit.batch import UNSPECIFIED, Cond, Condition, DataSpec, call_model
 from fmkit.errors import FmkitError
-from fmkit.folders import FolderKind, claim, write_atomic, write_json
+from fmkit.folders import FolderKind, claim, json_file, write_atomic, write_json
 from fmkit.objective import Objective, as_model
 from fmkit.registry import unknown_name_message
 from fmkit.solver import Solution, Solver, build_solver
@@ -462,13 +462,6 @@ def _encode_one(condition: Condition, row: Mapping[str, Any]) -> int | list[int]
     return states
 
 
-def _generator_config(root: Path) -> bool:
-    try:
-        return json.loads((root / CONFIG).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 # A model folder; those written before folders were marked are recognised by their config.
 MODEL_FOLDER = FolderKind(
     "model",
@@ -476,7 +469,7 @@ MODEL_FOLDER = FolderKind(
     "fmkit export",
     signature=(CONFIG, WEIGHTS),
     allowed=(CONFIG, WEIGHTS),
-    recognise=_generator_config,
+    recognise=json_file(CONFIG, format=FORMAT),
 )
 
 

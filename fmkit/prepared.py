@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fmkit.batch import Batch, Condition, DataSpec, collate, cond_from_labels, describe
 from fmkit.errors import FmkitError
-from fmkit.folders import FolderKind, claim, write_json
+from fmkit.folders import FolderKind, claim, json_file, write_json
 from fmkit.pixels import to_float, to_pixels
 
 META = "meta.json"
@@ -89,14 +89,6 @@ def _write_staged(dataset, staging: Path, source: dict, progress: bool, workers:
     write_json(staging / META, meta)
 
 
-def _array_meta(root: Path) -> bool:
-    try:
-        meta = json.loads((root / META).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and {"count", "image_size"} <= meta.keys()
-
-
 # A prepared array; those written before folders were marked are recognised by their files.
 PREPARED = FolderKind(
     "prepared",
@@ -104,7 +96,7 @@ PREPARED = FolderKind(
     "fmkit prepare",
     signature=(META, "images.npy"),
     allowed=(META, "images.npy", "labels.npy"),
-    recognise=_array_meta,
+    recognise=json_file(META, ("count", "image_size")),
 )
 
 

@@ -25,7 +25,7 @@ from fmkit.batch import Batch
 from fmkit.config import TrainConfig, objective_options
 from fmkit.data import build_dataset, cached, data_spec, default_workers, make_loader, source_of
 from fmkit.errors import FmkitError
-from fmkit.folders import FolderKind, claim, write_json
+from fmkit.folders import FolderKind, claim, json_file, write_json
 from fmkit.generator import Generator, ModelSpec, build_backbone
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
@@ -593,13 +593,8 @@ def _tensorboard(folder):
 
 def _records_training(root: Path) -> bool:
     """A training config.json, or checkpoints (a run whose config.json was lost)."""
-    if any(root.glob("checkpoint_*.safetensors")):
-        return True
-    try:
-        config = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and {"backbone", "dataset"} <= config.keys()
+    has_config = json_file("config.json", ("backbone", "dataset"))
+    return any(root.glob("checkpoint_*.safetensors")) or has_config(root)
 
 
 # A run folder; those written before folders were marked are recognised by their files.

@@ -50,6 +50,10 @@ class _UsageLine(click.ClickException):
     exit_code = 2  # click's status for a bad command line
 
 
+# click 8.2's "a group run alone prints its help", a UsageError that is not a mistake
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class FmkitGroup(click.Group):
     """A click group under which every mistake a user can make ends in one line on stderr
     and a non-zero exit: FmkitError (status 1), a bad flag or value (2, click's usage errors
@@ -61,6 +65,8 @@ class FmkitGroup(click.Group):
             return super().invoke(ctx)
         except FmkitError as exc:
             raise click.ClickException(str(exc)) from None
+        except _NO_ARGS_HELP:
+            raise  # `fmkit eval` alone: click shows the group's help
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "fmkit"
             raise _UsageLine(f"{exc.format_message()} (see `{where} --help`)") from None

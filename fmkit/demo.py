@@ -14,16 +14,19 @@ Only the page itself may drive it. Every request must name a host the server ser
 loopback names or --host, with its port): a DNS-rebinding page, whose requests carry its own
 host name, is refused. A generation must be a JSON POST (which a cross-origin page cannot send
 without a CORS preflight, never granted) with a same-origin Origin header, whole, within
-IDLE_TIMEOUT; generations run one at a time, at most QUEUE waiting, and the rest get 503.
+IDLE_TIMEOUT of silence and DEADLINE_IDLES of them in all; generations run one at a time, at
+most QUEUE waiting, and the rest get 503.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import io
 import json
 import math
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +35,7 @@ from typing import Any
 
 from PIL import Image
 
+from fmkit.config import SEED_MAX
 from fmkit.errors import FmkitError
 from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, SAMPLE_SOLVER, SAMPLE_STEPS, Generator
 from fmkit.pixels import to_pixels
@@ -41,6 +45,9 @@ PAGE = Path(__file__).with_name("demo.html")
 MAX_COUNT, MAX_STEPS, TRAJECTORY = 16, 500, 6
 MAX_BODY = 64 * 1024  # bytes of a request; a real one is a few hundred
 IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent (a slow or stalled client)
+# A whole request (line, headers, body) must arrive within 3 idle timeouts, so a client that
+# drips a byte every few seconds cannot hold a connection slot forever.
+DEADLINE_IDLES = 3
 QUEUE = 4  # generations admitted at once (one runs, the others wait); more get 503
 MAX_CONNECTIONS = 64  # connections served at once; more are closed unanswered
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
@@ -92,7 +99,7 @@ class Demo:
 
     def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Sample as the request asks; FmkitError (a 400 for the page) for bad values."""
-        seed = _integer(request, "seed", 0, 0, 2**63 - 1)
+        seed = _integer(request, "seed", 0, 0, SEED_MAX)
         count = _integer(request, "count", 8, 1, MAX_COUNT)
         steps = _integer(request, "steps", SAMPLE_STEPS, 1, MAX_STEPS)
         guidance = _number(request, "guidance", GUIDANCE, 0.0, 20.0)
@@ -132,11 +139,13 @@ class Demo:
 
 
 class _Server(ThreadingHTTPServer):
-    """A threading server that serves at most MAX_CONNECTIONS connections at once."""
+    """A threading server that serves at most MAX_CONNECTIONS connections at once, on IPv4 or
+    (an address with a colon) IPv6."""
 
     daemon_threads = True
 
     def __init__(self, address, handler) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.hosts: set[str] = set()
@@ -188,7 +197,23 @@ def _handler(demo: Demo, idle_timeout: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = idle_timeout  # applied to the connection's socket: silence ends it
 
+        def setup(self) -> None:
+            super().setup()
+            # Silence ends a connection; so does a request that takes too long in all.
+            self.deadline = threading.Timer(DEADLINE_IDLES * idle_timeout, self._expire)
+            self.deadline.daemon = True
+            self.deadline.start()
+
+        def finish(self) -> None:
+            self.deadline.cancel()
+            super().finish()
+
+        def _expire(self) -> None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
         def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            self.deadline.cancel()  # the request is in
             try:
                 self._check_host()
             except Refused as exc:
@@ -208,6 +233,7 @@ def _handler(demo: Demo, idle_timeout: float) -> type[BaseHTTPRequestHandler]:
                     raise Refused(HTTPStatus.NOT_FOUND, f"no endpoint {self.path}")
                 self._check_origin()
                 request = self._read_json()
+                self.deadline.cancel()  # the request is in; the generation may take long
                 result = demo.generate(request)
             except Refused as exc:
                 self._json(exc.status, {"error": str(exc)})

@@ -372,10 +372,16 @@ def plan_conditions(
             "--cond-sampling data needs the dataset the model was trained on: pass --dataset "
             "and --data-dir (or --cond-sampling uniform for classes, or --cond)"
         )
-    dataset = build_dataset(
-        data["dataset"], data["data_dir"], generator.data.image_size, data["split"],
-        data["options"], condition.kind,
-    )  # fmt: skip
+    try:
+        dataset = build_dataset(
+            data["dataset"], data["data_dir"], generator.data.image_size, data["split"],
+            data["options"], condition.kind,
+        )  # fmt: skip
+    except FmkitError as exc:
+        raise FmkitError(
+            f"{exc} (--cond-sampling data reads the training data's labels; without the data, "
+            "use --cond-sampling uniform for classes, or --cond)"
+        ) from None
     labels = getattr(dataset, "labels", None)
     names = tuple(getattr(getattr(dataset, "condition", None), "names", ()))
     if labels is None or not hasattr(dataset, "__len__"):

@@ -17,6 +17,7 @@ umask gives: a crash or a full disk leaves the previous version intact.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -28,6 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmkit.errors import FmkitError
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: marks are then updated without a lock
+    fcntl = None
 
 MARK = ".fmkit-folder.json"
 FORMAT = "fmkit-folder"
@@ -41,9 +47,10 @@ class FolderKind:
         name: the kind recorded in the mark ("run", "samples", ...).
         what: what such a folder holds, for messages ("a training run").
         command: the command that writes it ("fmkit train").
-        signature: entries an unmarked folder of this kind written by an older fmkit must hold.
-        allowed: glob patterns of every entry such a folder may hold.
-        recognise: a further check of an unmarked folder's contents (e.g. its config.json).
+        signature: entries an unmarked folder of this kind written by an older fmkit holds.
+        allowed: glob patterns of the entries such a folder's writer wrote; empty: an unmarked
+            folder is never taken for this kind's.
+        recognise: a check of an unmarked folder's contents (e.g. its config.json).
     """
 
     name: str
@@ -53,13 +60,17 @@ class FolderKind:
     allowed: tuple[str, ...] = ()
     recognise: Callable[[Path], bool] | None = None
 
-    def written_before(self, root: Path, entries: list[str]) -> bool:
-        """Whether an unmarked, non-empty `root` is this kind's output from before marks."""
-        if not self.allowed or not all((root / name).exists() for name in self.signature):
-            return False
-        if not all(any(fnmatch.fnmatch(e, p) for p in self.allowed) for e in entries):
-            return False
-        return self.recognise is None or self.recognise(root)
+    def written_before(self, root: Path, entries: list[str]) -> list[str] | None:
+        """The entries of an unmarked, non-empty `root` that this kind wrote before marks
+        existed, or None when it is not such a folder. Other entries (a log beside a run)
+        stay the user's."""
+        ours = [e for e in entries if any(fnmatch.fnmatch(e, p) for p in self.allowed)]
+        if not ours or not all((root / name).exists() for name in self.signature):
+            return None
+        if self.recognise is not None:
+            return ours if self.recognise(root) else None
+        # Nothing but names to go by: every entry must be one this kind writes.
+        return ours if self.signature and len(ours) == len(entries) else None
 
 
 @dataclass
@@ -75,23 +86,26 @@ class Claim:
 
     root: Path
     kind: FolderKind
-    recorded: list[str] = field(default_factory=list)
+    recorded: set[str] = field(default_factory=set)
     ours: bool = False
 
     def add(self, *names: str) -> None:
         """Record `names` (top-level entries) before they are written; creates the folder.
 
         An entry that exists but was not recorded is someone else's file: an error."""
-        new = [n for n in names if n not in self.recorded]
-        for name in new:
-            if (self.root / name).exists() or (self.root / name).is_symlink():
-                raise FmkitError(
-                    f"{self.root / name} was not written by {self.kind.command}; move it away "
-                    "or choose another folder"
-                )
-        if new or not (self.root / MARK).is_file():
-            self.recorded.extend(new)
-            self._write_mark()
+        for name in names:
+            _check_name(name, self.root)
+        if not set(names) - self.recorded and (self.root / MARK).is_file():
+            return
+        with self._locked():
+            known = self._reread()
+            for name in set(names) - known:
+                if (self.root / name).exists() or (self.root / name).is_symlink():
+                    raise FmkitError(
+                        f"{self.root / name} was not written by {self.kind.command}; move it "
+                        "away or choose another folder"
+                    )
+            self._write_mark(known | set(names))
 
     def path(self, name: str) -> Path:
         """`root / name`, recorded first (see `add`)."""
@@ -100,14 +114,18 @@ class Claim:
 
     def retire(self, keep: Iterable[str] = ()) -> None:
         """Remove the recorded entries not in `keep`: earlier output of this kind that the
-        current write replaces (a folder of samples, an export's stale files)."""
+        current write replaces (a folder of samples, an export's stale files). Another live
+        writer's staging folder is not this write's to remove."""
         keep = set(keep)
-        stale = [n for n in self.recorded if n not in keep]
-        for name in stale:
-            _remove(self.root / name)
-        if stale:
-            self.recorded = [n for n in self.recorded if n in keep]
-            self._write_mark()
+        if not self.root.is_dir():
+            return
+        with self._locked():
+            known = self._reread()
+            stale = {n for n in known - keep if not _foreign_staging(n)}
+            for name in sorted(stale):
+                _remove(self.root / name)
+            if stale:
+                self._write_mark(known - stale)
 
     def write_staged(self, write: Callable[[Path], None], last: Iterable[str] = ()) -> list[Path]:
         """Output written aside and moved into place whole: `write(staging)` fills a recorded
@@ -116,63 +134,84 @@ class Claim:
         goes, and so does the root when this write created it: a failed export or array
         leaves nothing behind. Returns the installed paths."""
         created = not self.root.exists()  # by this write: it may take the folder away again
-        name = f".staging-{socket.gethostname()}-{os.getpid()}"
-        staging = self.path(name)
+        staging = self.path(_staging_name())
         _remove(staging)  # a leftover of a crashed process that had this pid
         try:
             staging.mkdir()
             write(staging)
+            # Libraries write some files privately (safetensors: 0600); outputs get what the
+            # umask gives, as every other file fmkit writes.
+            mask = _umask()
+            for path in staging.rglob("*"):
+                if not path.is_symlink():
+                    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+            return self.install(staging, last)
         except BaseException:
             _remove(staging)
-            self.recorded.remove(name)
-            if not self.ours and {p.name for p in self.root.iterdir()} <= {MARK}:
-                _remove(self.root / MARK)  # the folder is as it was before the write
-                if created:
-                    self.root.rmdir()
-            else:
-                self._write_mark()
+            with self._locked():
+                known = self._reread() - {staging.name}
+                if not self.ours and {p.name for p in self.root.iterdir()} <= {MARK}:
+                    _remove(self.root / MARK)  # the folder is as it was before the write
+                else:
+                    self._write_mark(known)
+            if created and not any(self.root.iterdir()):
+                self.root.rmdir()
             raise
-        # Libraries write some files privately (safetensors: 0600); outputs get what the
-        # umask gives, as every other file fmkit writes.
-        mask = _umask()
-        for path in staging.rglob("*"):
-            if not path.is_symlink():
-                path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-        return self.install(staging, last)
 
     def install(self, staging: Path, last: Iterable[str] = ()) -> list[Path]:
         """Move every entry of `staging` into root (replacing this kind's earlier entries of
-        the same name), then remove `staging` and every other recorded entry. Entries in
-        `last` move after the others (a completion marker such as meta.json), and are
-        removed from root first, so a reader never pairs old and new files. Returns the
-        installed paths."""
-        last = list(last)
+        the same name), remove every other recorded entry, then `staging`. Entries in `last`
+        (a completion marker such as meta.json) leave root first and come back last, so a
+        reader never pairs old and new files. Returns the installed paths."""
         entries = sorted(p.name for p in staging.iterdir())
-        order = [n for n in entries if n not in last] + [n for n in last if n in entries]
-        self.add(*order)
+        last = [n for n in last if n in entries]
+        first = [n for n in entries if n not in last]
+        self.add(*entries)
         for name in last:
             _remove(self.root / name)
-        installed = []
-        for name in order:
-            target = self.root / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(staging / name, target)
-            installed.append(target)
-        self.retire(keep=order)
-        return installed
+        for name in first:
+            _replace(staging / name, self.root / name)
+        self.retire(keep={*entries, staging.name})
+        for name in last:
+            _replace(staging / name, self.root / name)
+        _remove(staging)
+        with self._locked():
+            self._write_mark(self._reread() - {staging.name})
+        return [self.root / name for name in first + last]
 
-    def _write_mark(self) -> None:
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the folder's lock (flock on the folder itself, where the platform has it):
+        writers of one folder (nodes filling a shared cache) update its mark in turn."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FmkitError(f"cannot write {self.root}: {exc.strerror or exc}") from None
+        if fcntl is None:
+            yield
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _reread(self) -> set[str]:
+        """What this claim recorded and what the mark on disk says now (another writer of
+        this kind may have added to it since the claim)."""
+        mark = read_mark(self.root)
+        self.recorded |= set(mark["files"]) if mark and mark["kind"] == self.kind.name else set()
+        return set(self.recorded)
+
+    def _write_mark(self, files: set[str]) -> None:
+        self.recorded = set(files)
         mark = {
             "format": FORMAT,
             "kind": self.kind.name,
             "what": self.kind.what,
             "command": self.kind.command,
-            "files": self.recorded,
+            "files": sorted(self.recorded),
         }
         write_atomic(self.root / MARK, (json.dumps(mark, indent=1) + "\n").encode())
 
@@ -209,14 +248,16 @@ def claim(root: str | Path, kind: FolderKind) -> Claim:
                 f"{kind.command} writes only into a new or empty folder or one it wrote: "
                 "choose another folder"
             )
-        return Claim(root, kind, list(mark["files"]), ours=True)
+        return Claim(root, kind, set(mark["files"]), ours=True)
     if not entries:
         return Claim(root, kind)
-    if kind.written_before(root, entries):
-        return Claim(root, kind, entries, ours=True)
+    written = kind.written_before(root, entries)
+    if written is not None:
+        return Claim(root, kind, set(written), ours=True)
+    foreign = [e for e in entries if not any(fnmatch.fnmatch(e, p) for p in kind.allowed)]
     raise FmkitError(
         f"{root} is not empty and {kind.command} did not write it (it holds "
-        f"{_listing(entries)}); choose a new or empty folder"
+        f"{_listing(foreign or entries)}); choose a new or empty folder"
     )
 
 
@@ -229,16 +270,46 @@ def read_mark(root: Path) -> dict | None:
         mark = json.loads(path.read_text())
         if mark.get("format") != FORMAT or not isinstance(mark.get("files"), list):
             raise ValueError
-        str(mark["kind"]), str(mark["what"])
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        if not all(isinstance(mark[key], str) for key in ("kind", "what")):
+            raise ValueError
+        for name in mark["files"]:  # entries name files in this folder, nothing else
+            _check_name(name, root)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, FmkitError):
         raise FmkitError(f"{path} is damaged; fmkit cannot tell who wrote {root}") from None
     return mark
 
 
-def kind_of(root: Path) -> str | None:
-    """The kind recorded in `root`'s mark, or None."""
-    mark = read_mark(root) if Path(root).is_dir() else None
-    return None if mark is None else mark["kind"]
+def _check_name(name, root: Path) -> None:
+    """A recorded entry is a plain name inside the folder: never a path that leads out."""
+    if not isinstance(name, str) or name in ("", ".", "..", MARK) or "/" in name or "\\" in name:
+        raise FmkitError(f"{name!r} is not a name of an entry of {root}")
+
+
+def _staging_name() -> str:
+    return f".staging-{socket.gethostname()}-{os.getpid()}"
+
+
+def _foreign_staging(name: str) -> bool:
+    """Whether `name` is the staging folder of another writer that may still be running (on
+    another host, or a live process here)."""
+    if not name.startswith(".staging-") or name == _staging_name():
+        return False
+    host, _, pid = name[len(".staging-") :].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False  # its process is gone: a leftover
+    except OSError:
+        pass
+    return True
+
+
+def _replace(source: Path, target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(source, target)
 
 
 def size_of(paths: Iterable[Path]) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmkit.errors import FmkitError
-from fmkit.folders import Claim, FolderKind, claim, write_json
+from fmkit.folders import Claim, FolderKind, claim, json_file, write_json
 from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
 from fmkit.pixels import to_uint8
 from fmkit.prepared import META
@@ -160,6 +160,8 @@ def _start(out: Path, record: dict) -> tuple[Claim, int | None]:
         previous = json.loads((out / PAIRS).read_text())
     except (OSError, ValueError):
         raise FmkitError(f"{out / PAIRS} is unreadable; choose another --out") from None
+    if "teacher_weights" not in previous and (out / META).is_file():
+        return folder, None  # complete, from an older fmkit: nothing to add to it
     if "teacher_weights" not in previous:
         raise FmkitError(
             f"{out} records its teacher by path only (an older fmkit wrote it), so these "
@@ -191,4 +193,5 @@ PAIR_FOLDER = FolderKind(
     signature=(PAIRS,),
     allowed=(PAIRS, ".pairs.json.*", "pairs.json.tmp", "images.npy", "noise_seeds.npy",
              "labels.npy", META),
+    recognise=json_file(PAIRS, ("num_pairs", "seed")),
 )  # fmt: skip

@@ -14,14 +14,8 @@ from fmkit.generator import Generator
 from fmkit.likelihood import dequantized_bits_per_dim
 from fmkit.solver import Solver
 
-# A sweep's folder; those written before folders were marked are recognised by their files.
-SWEEP = FolderKind(
-    "sweep",
-    "a solver sweep",
-    "fmkit eval sweep",
-    signature=("sweep.json",),
-    allowed=("sweep.json", "sweep.md", "sweep.png"),
-)
+# A sweep's folder (one from before folders were marked is a user's: sweeps are rerun).
+SWEEP = FolderKind("sweep", "a solver sweep", "fmkit eval sweep")
 
 
 def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> None:

@@ -68,10 +68,6 @@ def sample_to_dir(
     return SampleReport(len(samples), nfes, seconds)
 
 
-SAMPLES = FolderKind(
-    "samples",
-    "samples",
-    "fmkit sample",
-    signature=("grid.png",),
-    allowed=("grid.png", "trajectory.png", "[0-9][0-9][0-9][0-9][0-9].png"),
-)
+# Samples: a folder of PNGs from before folders were marked could be anyone's, so it is
+# never taken for fmkit's (its files would be replaced and the extra ones removed).
+SAMPLES = FolderKind("samples", "samples", "fmkit sample")

@@ -181,12 +181,16 @@ def write_shards(src: Path, out: Path, per_shard: int, seed: int, prefix: str) -
     if not items:
         raise FmkitError(f"no images in the class folders of {src}")
     random.Random(seed).shuffle(items)  # shards must not hold one class each
+    if not prefix or prefix in (".", "..") or "/" in prefix or "\\" in prefix:
+        raise FmkitError(f"--split {prefix!r} names the shards (SPLIT-000000.tar): a plain name")
     if inside(out, src) or inside(src, out):
         raise FmkitError(f"--out {out} and --src {src} overlap; choose an --out outside --src")
     folder = claim(out, SHARD_FOLDER)
     shards = [f"{prefix}-{k:06d}.tar" for k in range(-(-len(items) // per_shard))]
     folder.add(*shards, "classes.txt")
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+    # Shards end at --per-shard samples only (no size limit), so they are the ones recorded.
+    pattern = str(out / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=per_shard, maxsize=2**62, verbose=0) as sink:
         for i, (path, index) in enumerate(items):
             ext = "jpg" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lower()[1:]
             sink.write({"__key__": f"{i:08d}", ext: path.read_bytes(), "cls": index})
@@ -197,15 +201,9 @@ def write_shards(src: Path, out: Path, per_shard: int, seed: int, prefix: str) -
     return len(items), len(classes)
 
 
-# A shard folder (several splits may share one); those written before folders were marked
-# are recognised by their files.
-SHARD_FOLDER = FolderKind(
-    "shards",
-    "WebDataset shards",
-    "fmkit prepare imagenet",
-    signature=("classes.txt",),
-    allowed=("classes.txt", "*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"),
-)
+# A shard folder (several splits may share one). One from before folders were marked is a
+# user's: stale shards of a split are removed, which must never hit someone else's.
+SHARD_FOLDER = FolderKind("shards", "WebDataset shards", "fmkit prepare imagenet")
 
 
 @hookimpl

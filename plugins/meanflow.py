@@ -113,9 +113,9 @@ class MeanFlowObjective(Objective):
         t_{k+1}), one evaluation per step (`--steps 1` is one-step generation). An adaptive
         solver integrates the instantaneous velocity u(x, t, t) instead.
 
-        Jumps have no states in between: when `times` asks for a trajectory (more than its
-        two ends), the trajectory is the noise and the state after each jump, at the grid's
-        times (`Solution.times`), whatever times were asked for."""
+        Jumps have no states in between: when `times` asks for a trajectory (K > 2 times),
+        the trajectory is the noise and the state after each jump at the grid's times
+        (`Solution.times`), or K of them spread evenly when there are more jumps."""
         if solver.adaptive:
             return super().generate(model, noise, solver, cond, times)
         grid_of = getattr(solver, "grid", None)
@@ -129,9 +129,10 @@ class MeanFlowObjective(Objective):
             start = t.expand(x.shape[0])
             x = x + (r - t) * model(x, start, {**(cond or {}), "r": r.expand(x.shape[0])})
             states.append(x)
-        if times is None or len(times) <= 2:  # the ends only
-            return Solution(x, torch.stack([noise, x]), len(grid) - 1, grid[[0, -1]])
-        return Solution(x, torch.stack(states), len(grid) - 1, grid)
+        wanted = 2 if times is None else max(2, len(times))
+        keep = torch.linspace(0, len(states) - 1, min(wanted, len(states))).round().long()
+        trajectory = torch.stack([states[i] for i in keep.tolist()])
+        return Solution(x, trajectory, len(grid) - 1, grid[keep.to(grid.device)])
 
 
 def meanflow(

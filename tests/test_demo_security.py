@@ -147,6 +147,42 @@ def test_a_body_that_never_comes_holds_no_thread_and_runs_nothing(server):
     assert httpd.demo.generations == 1  # only the real request
 
 
+def test_a_client_dripping_bytes_is_cut_off_at_the_deadline(server):
+    """A byte every so often never trips the idle timeout; the whole request has a deadline
+    (3 idle timeouts), so such clients cannot hold every connection slot."""
+    httpd, port = server
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        head = f"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ".encode()
+        try:
+            for byte in head + b"a" * 100:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.2)  # less than the 0.5 s idle timeout
+        except OSError:  # the server hung up: the deadline
+            pass
+    assert time.perf_counter() - start < 5
+    assert httpd.demo.generations == 0 and generate(port)[0] == 200
+
+
+def test_the_demo_serves_ipv6_loopback(model):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        httpd = serve(Generator.load(model), "::1", 0)
+    except Exception as exc:
+        pytest.skip(f"cannot bind ::1 here ({exc})")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = httpd.server_address[1]
+        with socket.create_connection(("::1", port), timeout=10) as conn:
+            conn.sendall(f"GET /api/model HTTP/1.1\r\nHost: [::1]:{port}\r\n\r\n".encode())
+            assert conn.recv(100).startswith(b"HTTP/1.0 200")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_short_and_abandoned_bodies_run_nothing(server):
     httpd, port = server
     status, answer = generate(port, body=BODY[:10], length=len(BODY))  # short, then silence
@@ -206,3 +242,10 @@ def test_a_meanflow_model_generates_and_shows_each_jump(tmp_path):
             assert status == 200, answer
             assert answer["nfe"] == steps and answer["times"] == times
             assert len(answer["trajectory"]) == steps + 1 and len(answer["images"]) == 2
+        # Many jumps: the trajectory shows six of them, spread evenly, not one per jump.
+        body = json.dumps({"seed": 0, "count": 1, "solver": "euler", "steps": 50}).encode()
+        status, answer = generate(port, body=body)
+        assert status == 200 and answer["nfe"] == 50
+        assert (
+            len(answer["trajectory"]) == 6 and answer["times"][0] == 0 and answer["times"][-1] == 1
+        )

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -161,14 +162,14 @@ def test_a_writer_rewrites_its_own_output_and_keeps_what_a_user_put_beside_it(
 def test_folders_written_before_marks_are_recognised(work, outputs, tmp_path, run_cli):
     """Runs, arrays, pair folders and exports of earlier fmkit versions carry no mark: their
     own writer still continues or replaces them (defect 1: only a prepared array is
-    replaced), and the others still refuse them."""
-    for writer in ("train", "prepare", "reflow", "export", "export-diffusers", "sample"):
+    replaced), and the others still refuse them. (Samples, sweeps and shards are not taken
+    back: see test_a_folder_of_pngs_from_elsewhere_is_never_taken_for_samples.)"""
+    for writer in ("train", "prepare", "reflow", "export", "export-diffusers", "export-onnx"):
         target = tmp_path / writer
         shutil.copytree(outputs[writer], target)
         (target / MARK).unlink()
         before = tree(target)
-        other = "sample" if writer != "sample" else "prepare"
-        one_line_error(run_cli(*work.args(other, target)))
+        one_line_error(run_cli(*work.args("sample", target)))
         assert tree(target) == before
         args = work.args(writer, target)
         if writer == "train":
@@ -267,7 +268,7 @@ def test_files_get_the_permissions_the_umask_gives(work, tmp_path):
     script = (
         "import os, sys; os.umask(0o002); sys.argv[0] = 'fmkit'; from fmkit.cli import main; main()"
     )
-    for fmt in ("fmkit", "diffusers", "onnx"):
+    for fmt in ("fmkit", "diffusers"):  # (every staged export gets the same treatment)
         out = tmp_path / fmt
         args = ["export", "--checkpoint", work.model, "--out", out, "--format", fmt]
         proc = subprocess.run([sys.executable, "-c", script, *map(str, args)],
@@ -398,3 +399,65 @@ def test_a_checkpoint_only_run_folder_still_resumes(work, tmp_path, run_cli):
     result = run_cli(*train_args(work.faces, out, "--max-steps", 3, *EXPORTABLE), "--resume")
     assert result.exit_code == 0, result.output
     assert checkpoint.read_metadata(out / "checkpoint_final.safetensors")["step"] == 3
+
+
+def test_a_mark_cannot_name_files_outside_its_folder(work, outputs, tmp_path, run_cli):
+    """A shared model folder whose mark lists "../victim" must not make an export delete it."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine")
+    target = tmp_path / "export"
+    shutil.copytree(outputs["export"], target)
+    mark = json.loads((target / MARK).read_text())
+    for files in (["../victim"], [str(victim)], [""], ["."], [None]):
+        (target / MARK).write_text(json.dumps({**mark, "files": mark["files"] + files}))
+        line = one_line_error(run_cli(*work.args("export", target)))
+        assert "is damaged" in line
+        assert (victim / "keep").read_text() == "mine"
+
+
+def test_concurrent_writers_of_one_cache_both_succeed(tmp_path):
+    """Nodes sharing $FMKIT_CACHE decode the same dataset at the same time: the second to
+    finish must neither fail on the first's files nor leave its staging behind."""
+    script = textwrap.dedent("""
+        import sys, time, torch
+        from fmkit.prepared import write_array
+        class Slow(torch.utils.data.Dataset):
+            def __len__(self): return 6
+            def __getitem__(self, i):
+                time.sleep(float(sys.argv[2]))
+                return torch.zeros(3, 4, 4) + i / 10
+        write_array(Slow(), sys.argv[1], {"dataset": "slow"}, progress=False)
+        print("ok")
+    """)
+    out = tmp_path / "cache" / "slow-4px"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(out), delay], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for delay in ("0.05", "0.2")]  # fmt: skip
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [MARK, "images.npy", "meta.json"], names
+    assert sorted(json.loads((out / MARK).read_text())["files"]) == ["images.npy", "meta.json"]
+
+
+def test_an_older_run_with_a_log_beside_it_resumes_and_keeps_the_log(work, outputs, tmp_path,
+                                                                     run_cli):  # fmt: skip
+    target = tmp_path / "run"
+    shutil.copytree(outputs["train"], target)
+    (target / MARK).unlink()  # written before marks
+    (target / "train.log").write_text("my notes")
+    result = run_cli(*train_args(work.faces, target, "--max-steps", 2), "--resume")
+    assert result.exit_code == 0, result.output
+    assert (target / "train.log").read_text() == "my notes"
+    assert "train.log" not in json.loads((target / MARK).read_text())["files"]
+
+
+def test_a_folder_of_pngs_from_elsewhere_is_never_taken_for_samples(work, tmp_path, run_cli):
+    """Another sampler's grid.png + 00000.png... layout: fmkit would have removed the extra."""
+    target = tmp_path / "theirs"
+    for name in ["grid.png", *(f"{i:05d}.png" for i in range(6))]:
+        write_image(target / name, size=(4, 4))
+    before = tree(target)
+    assert "is not empty" in one_line_error(run_cli(*work.args("sample", target)))
+    assert tree(target) == before

@@ -12,7 +12,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 from fmkit.batch import UNSPECIFIED, Batch, Condition, DataSpec
-from fmkit.data import load_celeba_data
+from fmkit.conditions import ConditionKind
 from fmkit.errors import FmkitError
 from fmkit.flow import FlowMatching, sample_time
 from fmkit.generator import Generator, ModelSpec
@@ -27,12 +27,16 @@ from fmkit.visualize import visualize_samples
 
 
 def __getattr__(name: str):
-    # The seed's UNet lives in the built-in plugin; import it on first use so `import fmkit`
-    # does not build the plugin set.
+    # The seed's UNet and CelebA loader live in the built-in plugins; import them on first use
+    # so `import fmkit` does not build the plugin set.
     if name == "UNet":
         from fmkit_plugins.unet import UNet
 
         return UNet
+    if name == "load_celeba_data":
+        from fmkit_plugins.celeba import load_celeba_data
+
+        return load_celeba_data
     raise AttributeError(f"module 'fmkit' has no attribute {name!r}")
 
 
@@ -40,6 +44,7 @@ __all__ = [
     "UNSPECIFIED",
     "Batch",
     "Condition",
+    "ConditionKind",
     "DataSpec",
     "Draws",
     "FlowMatching",

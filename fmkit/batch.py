@@ -1,14 +1,16 @@
 """What travels from a dataset to a model: the data's description, its conditions, and batches.
 
 Conditions have one form everywhere (datasets, batches, objectives, backbones, checkpoints):
-`cond` is None for unconditional data, else a dict of tensors with these keys:
+`cond` is None for unconditional data, else a dict of tensors, each with the batch first:
 
-    "class":      (B,) int64, a class index in [0, K), or UNSPECIFIED
-    "attributes": (B, K) int64, each 1 (on), 0 (off) or UNSPECIFIED
-    "r":          (B,) float, a second time for few-step objectives (set by the objective)
+    cond[KIND]  the values of the data's condition kind (fmkit.conditions; the built-in kinds
+                are in fmkit_plugins.conditions), e.g. one class index or K attribute states
+                per sample
+    cond["r"]   (B,) float, a second time for few-step objectives (set by the objective)
 
-UNSPECIFIED (-1) marks a condition left out: dropped in training so one model also serves
-unconditionally, or not asked for at sampling time.
+A condition left out (dropped in training, so one model also serves unconditionally, or not
+asked for at sampling time) holds its kind's "unspecified" values: UNSPECIFIED, -1, for the
+built-in kinds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import torch
 from torch import Tensor
 
 UNSPECIFIED = -1
-CONDITION_KINDS = ("none", "class", "attributes")
 
 Cond = dict[str, Tensor]  # see the module docstring
 
@@ -31,21 +32,22 @@ class Condition:
     """What a dataset's items are conditioned on.
 
     Attributes:
-        kind: "none", "class" (one of K classes) or "attributes" (K binary attributes).
-        names: the K class or attribute names, in index order.
+        kind: "none" (unconditional), or a registered condition kind (`fmkit list
+            conditions`), such as one of K classes or K binary attributes.
+        names: the K names the kind is about, in index order.
     """
 
     kind: str = "none"
     names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in CONDITION_KINDS:
-            raise ValueError(f"condition kind must be one of {CONDITION_KINDS}, got {self.kind!r}")
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"a condition kind is a name, got {self.kind!r}")
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))
 
     @property
     def size(self) -> int:
-        """K: the number of classes or attributes (0 when unconditional)."""
+        """K: the number of names (0 when unconditional)."""
         return len(self.names)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,11 +138,16 @@ def _map(cond: Cond | None, fn) -> Cond | None:
     return None if cond is None else {k: fn(v) for k, v in cond.items()}
 
 
-def cond_from_labels(labels: Tensor, condition: Condition) -> Cond | None:
-    """Dataset labels as a condition dict: (B,) class indices or (B, K) attributes."""
+def cond_from_labels(labels: Sequence[Any] | Tensor, condition: Condition) -> Cond | None:
+    """B dataset labels as a condition dict, collated by the condition's kind (a tensor of
+    stored labels, a prepared array's, is taken as it is)."""
     if condition.kind == "none":
         return None
-    return {condition.kind: labels.long()}
+    if isinstance(labels, Tensor):
+        return {condition.kind: labels}
+    from fmkit.conditions import condition_kind
+
+    return {condition.kind: condition_kind(condition.kind).collate(labels)}
 
 
 def collate(items: Sequence[Any] | Batch, condition: Condition = Condition()) -> Batch:
@@ -155,8 +162,7 @@ def collate(items: Sequence[Any] | Batch, condition: Condition = Condition()) ->
     first = items[0]
     if isinstance(first, (tuple, list)):
         images = torch.stack([item[0] for item in items])
-        labels = torch.stack([torch.as_tensor(item[1]) for item in items])
-        return Batch(images, cond_from_labels(labels, condition))
+        return Batch(images, cond_from_labels([item[1] for item in items], condition))
     return Batch(torch.stack(list(items)))
 
 

@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from fmkit import checkpoint, config
+from fmkit.conditions import condition_kind, parse_conditions, read_condition_file
 from fmkit.config import SEED_MAX, TrainConfig
 from fmkit.data import build_dataset, source_of
 from fmkit.distributed import from_environment
@@ -96,7 +97,8 @@ def plugins_command() -> None:
 def list_command(kind: str | None) -> None:
     """List registered components with a one-line description.
 
-    KIND is one of backbones, datasets, paths, solvers, objectives; all of them when omitted.
+    KIND is one of backbones, datasets, paths, solvers, objectives, conditions; all of them
+    when omitted.
     """
     for name in [kind] if kind else list(KINDS):
         reg = registry(name)
@@ -424,18 +426,6 @@ def reflow_command(
                f"--data-dir {out} --init-from {teacher}")  # fmt: skip
 
 
-def parse_conditions(pairs, flag: str) -> dict:
-    """`("Smiling=1", "class=cat")` -> {"Smiling": "1", "class": "cat"}: values stay text,
-    so a class named "2" is that class (its index is spelled class=#2)."""
-    wanted = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise FmkitError(f"{flag} expects NAME=VALUE, got {pair!r}")
-        wanted[name.strip()] = value.strip()
-    return wanted
-
-
 def check_guidance(generator: Generator, given: set[str]) -> None:
     """--guidance and --guidance-interval given for a model they cannot apply to."""
     asked = sorted({"guidance", "guidance_interval"} & given)
@@ -444,23 +434,6 @@ def check_guidance(generator: Generator, given: set[str]) -> None:
         raise FmkitError(
             f"{flag}: this model is unconditional, so there is nothing to guide towards"
         )
-
-
-def read_condition_file(path: Path) -> list[dict]:
-    """One condition per non-empty line (`Smiling=1,Eyeglasses=0` or `class=cat`)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise FmkitError(
-            f"{path} is not a text file; --cond-file takes one line of conditions per image"
-        ) from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            rows.append(parse_conditions(line.split(","), f"{path}:{number}"))
-    if not rows:
-        raise FmkitError(f"{path} holds no conditions")
-    return rows
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -476,21 +449,13 @@ def parse_interval(text: str) -> tuple[float, float]:
 @cli.command("list-conditions")
 @_checkpoint_option
 def list_conditions_command(ckpt: Path) -> None:
-    """Print what a model can be asked for: its classes or attributes."""
+    """Print what a model can be asked for: its classes, attributes or other conditions."""
     condition = Generator.load(ckpt).data.condition
     if condition.kind == "none":
         click.echo("unconditional: this model takes no conditions")
         return
-    if condition.kind == "class":
-        click.echo(f"{condition.size} classes (--cond class=NAME or class=#INDEX):")
-        for i, name in enumerate(condition.names):
-            click.echo(f"  {i}  {name}")
-        return
-    click.echo(
-        f"{condition.size} attributes (--cond NAME=1 or NAME=0; leave one out: unspecified):"
-    )
-    for name in condition.names:
-        click.echo(f"  {name}")
+    for line in condition_kind(condition.kind).describe(condition):
+        click.echo(line)
 
 
 @cli.command("export")
@@ -812,8 +777,8 @@ def _prepare_array_command(name: str) -> click.Command:
         "--condition",
         default="none",
         show_default=True,
-        type=click.Choice(["none", "class", "attributes"]),
-        help="Keep these labels, so `--dataset prepared --condition ...` can train on them.",
+        help="Keep the labels of this condition kind (fmkit list conditions), so "
+        "`--dataset prepared --condition ...` can train on them.",
     )
     @click.option(
         "--out",

@@ -74,8 +74,8 @@ class TrainConfig:
     )
     condition: str = option(
         "none",
-        "Train on the dataset's conditions: none (ignore them), class or attributes.",
-        choices=("none", "class", "attributes"),
+        "Train on the dataset's conditions of this kind (fmkit list conditions), or none "
+        "(ignore them).",
     )
     data_dir: str = option("./data", "Dataset root (celeba downloads into DATA_DIR/celeba).")
     split: str = option("train", "Dataset split to train on (e.g. celeba: train, valid, all).")
@@ -215,7 +215,7 @@ def dataset_options(options: dict) -> dict:
     options.pop("flip", None)
     if "labels" in options:
         raise FmkitError(
-            "the dataset option labels is now --condition class or --condition attributes"
+            "the dataset option labels is now --condition KIND (fmkit list conditions)"
         )
     return options
 

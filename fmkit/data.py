@@ -1,5 +1,4 @@
-"""Datasets for training: building them by name, their decoded cache, DataLoaders, and the seed's
-`load_celeba_data`."""
+"""Datasets for training: building them by name, their decoded cache and DataLoaders."""
 
 from __future__ import annotations
 
@@ -26,13 +25,14 @@ def build_dataset(
 ):
     """The registered dataset `name`, built with fmkit's fixed arguments and user `options`.
 
-    `condition` ("none", "class" or "attributes") asks the dataset to yield those conditions;
-    a dataset that cannot is an error naming it.
+    `condition` ("none", or a registered condition kind) asks the dataset to yield those
+    conditions; a dataset that cannot is an error naming it.
     """
     options = dict(options or {})
     datasets = registry("datasets")
     given: dict[str, Any] = {"root": root, "image_size": image_size, "split": split}
     if condition != "none":
+        registry("conditions").get(condition)  # an unknown kind, with the known ones listed
         if not datasets.accepts(name, "condition"):
             raise FmkitError(f"dataset '{name}' yields no conditions; use --condition none")
         given["condition"] = condition
@@ -125,46 +125,6 @@ def cached(
     while not (cache / META).is_file():
         time.sleep(2.0)
     return PreparedArray(cache, dataset.image_size, condition=condition)
-
-
-def load_celeba_data(
-    batch_size: int = 32,
-    data_dir: str = "./data",
-    image_size: int = 64,
-    split: str = "train",
-    num_workers: int = 0,
-    flip: bool = True,
-    labels: bool = False,
-    **options: Any,
-) -> DataLoader:
-    """The seed's loader: CelebA (downloaded on first use) batched as (B, 3, S, S) in [-1, 1].
-
-    `flip` mirrors training images at random, `labels` adds the 40 attributes (batches are then
-    (images, attributes)); other options (crop, download, ...) are the `celeba` dataset's.
-    """
-    condition = "attributes" if labels else "none"
-    data = build_dataset("celeba", data_dir, image_size, split, options, condition)
-    if flip and split == "train":
-        data = RandomFlips(data)
-    return make_loader(data, batch_size, num_workers, shuffle=split == "train")
-
-
-class RandomFlips(Dataset):
-    """Items of `dataset` mirrored with probability 1/2 (the seed loader's augmentation; fmkit
-    train flips per sample from the step's seed instead)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        item = self.dataset[index]
-        image = item[0] if isinstance(item, tuple) else item
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return (image, *item[1:]) if isinstance(item, tuple) else image
 
 
 def source_of(name: str, root: str, split: str | None, options: dict) -> dict:

@@ -1,7 +1,8 @@
 """`fmkit demo`: a local web page that samples a trained model on a click.
 
 The page (demo.html, next to this module) asks for a seed, a solver and its steps, the guidance
-weight and, for a conditional model, each attribute (on / off / unspecified) or the class; the
+weight and, for a conditional model, the controls its condition kind describes (each attribute
+on / off / unspecified, the class, ...); the
 server answers with the images, the NFE, the seconds taken and the first image's trajectory
 from noise to picture (a model that jumps, such as MeanFlow's, shows the state after each
 jump). Only Python's standard library serves it: one model, one user, loopback.
@@ -35,6 +36,7 @@ from typing import Any
 
 from PIL import Image
 
+from fmkit.conditions import condition_kind
 from fmkit.config import SEED_MAX
 from fmkit.errors import FmkitError
 from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, SAMPLE_SOLVER, SAMPLE_STEPS, Generator
@@ -85,7 +87,14 @@ class Demo:
             "backbone": self.generator.spec.backbone,
             "objective": self.generator.spec.objective,
             "image_size": self.generator.data.image_size,
-            "condition": {"kind": condition.kind, "names": list(condition.names)},
+            "condition": {
+                "kind": condition.kind,
+                "names": list(condition.names),
+                # what the page shows for each (the condition kind's choice)
+                "controls": []
+                if condition.kind == "none"
+                else condition_kind(condition.kind).controls(condition),
+            },
             "solvers": solvers,
             "defaults": {
                 "solver": SAMPLE_SOLVER,

@@ -18,7 +18,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmkit import checkpoint as checkpoint_module
-from fmkit.batch import collate
+from fmkit.batch import collate, cond_from_labels
+from fmkit.conditions import condition_kind
 from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, write_atomic
@@ -215,7 +216,6 @@ def load_reference(path: Path, cached: bool = False) -> Reference:
 
 
 def _load_npz_reference(path: Path) -> Reference:
-    import numpy as np
 
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -273,9 +273,9 @@ def generate(
 
 
 # How conditional models are evaluated, as the field does: the samples' conditions follow the
-# data the reference statistics describe (its class frequencies, its attributes' joint
-# distribution), or classes drawn uniformly (ImageNet's protocol), guided as the model
-# samples by default unless asked otherwise.
+# data the reference statistics describe (rows of its labels: its class frequencies, its
+# attributes' joint distribution), or the kind's few states drawn uniformly (classes, as in
+# ImageNet's protocol), guided as the model samples by default unless asked otherwise.
 COND_SAMPLING = ("data", "uniform")
 
 
@@ -284,13 +284,13 @@ class ConditionPlan:
     """What an evaluation asks a model for.
 
     Attributes:
-        kind: the model's condition kind ("none", "class", "attributes").
+        kind: the model's condition kind ("none" when unconditional).
         sampling: "none" (unconditional model), "fixed" (every sample gets `fixed`),
-            "uniform" (classes uniformly) or "data" (rows drawn from `labels`).
+            "uniform" (drawn uniformly from `labels`, the kind's states: classes) or "data"
+            (rows drawn from `labels`, the data's).
         guidance, interval: classifier-free guidance weight and its interval.
         fixed: the condition of every sample, as `Generator.encode` takes it.
-        labels: (N,) or (N, K) the data's labels, for "data".
-        size: K, the number of classes or attributes.
+        labels: (N, ...) what rows are drawn from.
     """
 
     kind: str = "none"
@@ -299,7 +299,6 @@ class ConditionPlan:
     interval: tuple[float, float] = (0.0, 1.0)
     fixed: dict | None = None
     labels: Tensor | None = None
-    size: int = 0
 
     def draw(self, n: int, seed: int):
         """The conditions of `n` samples (None, a dict for all, or (n, ...) tensors), drawn
@@ -307,10 +306,8 @@ class ConditionPlan:
         if self.sampling in ("none", "fixed"):
             return self.fixed
         g = torch.Generator().manual_seed(seed + 1_000_003)
-        if self.sampling == "uniform":
-            return {self.kind: torch.randint(self.size, (n,), generator=g)}
-        rows = torch.randint(len(self.labels), (n,), generator=g)
-        return {self.kind: self.labels[rows].long()}
+        rows = torch.randint(len(self.labels), (n,), generator=g)  # the data's rows or states
+        return {self.kind: self.labels[rows]}
 
     def record(self) -> dict:
         """What the result records about the conditions."""
@@ -351,7 +348,6 @@ def plan_conditions(
         condition.kind,
         guidance=GUIDANCE if guidance is None else guidance,
         interval=GUIDANCE_INTERVAL if interval is None else interval,
-        size=condition.size,
     )
     if cond:
         if sampling:
@@ -361,10 +357,11 @@ def plan_conditions(
         return plan
     plan.sampling = sampling or "data"
     if plan.sampling == "uniform":
-        if condition.kind != "class":
+        plan.labels = condition_kind(condition.kind).states(condition)
+        if plan.labels is None:
             raise FmkitError(
-                "--cond-sampling uniform draws classes; attributes are drawn from the data's "
-                "joint distribution (--cond-sampling data)"
+                f"--cond-sampling uniform draws from a few states (classes); {condition.kind} "
+                "conditions are drawn from the data's labels (--cond-sampling data)"
             )
         return plan
     if not data or not data.get("dataset"):
@@ -394,7 +391,7 @@ def plan_conditions(
             f"the dataset's {condition.kind} ({', '.join(names[:4])}...) are not the model's "
             f"({', '.join(condition.names[:4])}...); pass the --dataset-opt it was trained with"
         )
-    plan.labels = torch.as_tensor(np.stack([np.asarray(x) for x in labels])).long()
+    plan.labels = cond_from_labels(list(labels), condition)[condition.kind]
     return plan
 
 

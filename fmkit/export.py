@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fmkit.batch import UNSPECIFIED, Cond
+from fmkit.batch import Cond
+from fmkit.conditions import condition_kind
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim
 from fmkit.generator import Generator
@@ -95,8 +96,8 @@ def export_diffusers(generator: Generator, out: Path) -> ExportReport:
 
 
 def export_onnx(generator: Generator, out: Path, batch_size: int = 1) -> ExportReport:
-    """Write `out/model.onnx`: velocity = f(x (B, C, H, W), t (B,)[, class (B,) | attributes
-    (B, K)]) at a fixed batch and resolution, int64 labels with -1 for unspecified, plus
+    """Write `out/model.onnx`: velocity = f(x (B, C, H, W), t (B,)[, the condition's values,
+    named after its kind]) at a fixed batch and resolution, plus
     `out/README.md`; checked with onnxruntime on the CPU."""
     _require("onnx")
     _require("onnxscript")  # torch's dynamo-based ONNX exporter is written with it
@@ -193,19 +194,15 @@ ONNX_FOLDER = FolderKind(
 
 def check_inputs(generator: Generator, batch: int) -> list[tuple[Tensor, Tensor, Cond | None]]:
     """Batches of `batch` checking inputs: (batch, C, H, W) random states, (batch,) times over
-    [0, 1] and conditions in which every state occurs — each class and "unspecified", or
-    attribute rows all unspecified, all off, all on and mixed — at least 4 samples in all."""
+    [0, 1] and conditions in which every state of the model's condition kind occurs (its
+    `examples`: each class and "unspecified", say) — at least 4 samples in all."""
     g = torch.Generator().manual_seed(0)
     data = generator.data
     condition = data.condition
-    k = condition.size
-    if condition.kind == "class":
-        labels = torch.arange(max(4, k + 1)) % (k + 1) - 1  # -1 (unspecified), 0, ..., K-1
-    elif condition.kind == "attributes":
-        fixed = torch.tensor([UNSPECIFIED, 0, 1]).repeat_interleave(k).view(3, k)
-        labels = torch.cat([fixed, torch.randint(-1, 2, (1, k), generator=g)])  # (4, K)
-    else:
+    if condition.kind == "none":
         labels = torch.zeros(4)
+    else:
+        labels = condition_kind(condition.kind).examples(condition, g)
     total = -(-len(labels) // batch) * batch  # whole batches
     labels = labels[torch.arange(total) % len(labels)]
     x = torch.randn(total, data.channels, data.image_size, data.image_size, generator=g)
@@ -213,7 +210,7 @@ def check_inputs(generator: Generator, batch: int) -> list[tuple[Tensor, Tensor,
     batches = []
     for start in range(0, total, batch):
         rows = slice(start, start + batch)
-        cond = None if condition.kind == "none" else {condition.kind: labels[rows].long()}
+        cond = None if condition.kind == "none" else {condition.kind: labels[rows]}
         batches.append((x[rows], t[rows], cond))
     return batches
 
@@ -223,12 +220,7 @@ def diffusers_labels(generator: Generator, cond: Cond | None) -> Tensor | None:
     if cond is None:
         return None
     condition = generator.data.condition
-    if "class" in cond:
-        labels = cond["class"].long()
-        return torch.where(labels == UNSPECIFIED, condition.size, labels)
-    states = cond["attributes"].long()
-    states = torch.where(states == UNSPECIFIED, 2, states)  # (B, K): off 0, on 1, unspecified 2
-    return (states * 3 ** torch.arange(condition.size)).sum(1)
+    return condition_kind(condition.kind).class_labels(condition, cond[condition.kind])
 
 
 class _Velocity(nn.Module):
@@ -265,39 +257,21 @@ def _require(package: str):
 
 def _conditions_text(generator: Generator, diffusers: bool) -> str:
     condition = generator.data.condition
-    if condition.kind == "class":
-        names = ", ".join(f"{i} {name}" for i, name in enumerate(condition.names))
-        unspecified = condition.size if diffusers else -1
-        return (
-            f"Class-conditional: pass the class index ({names}), or {unspecified} for "
-            f'"unspecified" (the model\'s unconditional half, used by guidance).'
-        )
-    if condition.kind == "attributes":
-        names = ", ".join(f"{k} {name}" for k, name in enumerate(condition.names))
-        if diffusers:
-            return (
-                f"Attribute-conditional ({names}): pass `class_labels` = sum over k of "
-                f"state_k * 3**k, with state 0 off, 1 on, 2 unspecified; all unspecified "
-                f"({3**condition.size - 1}) is the unconditional model."
-            )
-        return (
-            f"Attribute-conditional ({names}): `attributes` is (B, {condition.size}) int64, "
-            f"1 on, 0 off, -1 unspecified; all -1 is the unconditional model."
-        )
-    return "Unconditional."
+    if condition.kind == "none":
+        return "Unconditional."
+    return condition_kind(condition.kind).export_text(condition)[
+        "diffusers" if diffusers else "onnx"
+    ]
 
 
 def _labels_line(generator: Generator, onnx: bool, batch: int) -> str:
     """The sampling loop's line choosing the conditions (all unspecified), '' if there are none."""
-    condition, k = generator.data.condition, generator.data.condition.size
+    condition = generator.data.condition
     if condition.kind == "none":
         return ""
-    if onnx:
-        shape = f"({batch},)" if condition.kind == "class" else f"({batch}, {k})"
-        name = "labels" if condition.kind == "class" else "attributes"
-        return f"{name} = np.full({shape}, -1, np.int64)  # unspecified; see above\n"
-    value = k if condition.kind == "class" else 3**k - 1
-    return f"labels = torch.full(({batch},), {value})  # unspecified; see above\n"
+    text = condition_kind(condition.kind).export_text(condition)
+    value = text["unspecified_onnx" if onnx else "unspecified_diffusers"].format(batch=batch)
+    return f"{'cond' if onnx else 'labels'} = {value}  # unspecified; see above\n"
 
 
 def _diffusers_note(generator: Generator, unconditional: bool) -> str:
@@ -358,7 +332,7 @@ def _onnx_note(generator: Generator, names: list[str], batch_size: int) -> str:
     shape = f"({batch_size}, {data.channels}, {data.image_size}, {data.image_size})"
     kind = data.condition.kind
     choose = _labels_line(generator, onnx=True, batch=batch_size)
-    conditions = {"class": ', "class": labels', "attributes": ', "attributes": attributes'}
+    feed = "" if kind == "none" else f", {kind!r}: cond"
     return f"""# fmkit velocity network in ONNX
 
 `model.onnx` computes the velocity of backbone `{generator.spec.backbone}`
@@ -378,7 +352,7 @@ session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 x = np.random.randn(*{shape}).astype(np.float32)
 {choose}grid = np.linspace(0, 1, 21, dtype=np.float32)
 for t, t_next in zip(grid[:-1], grid[1:]):
-    feed = {{"x": x, "t": np.full({batch_size}, t, np.float32){conditions.get(kind, "")}}}
+    feed = {{"x": x, "t": np.full({batch_size}, t, np.float32){feed}}}
     x = x + (t_next - t) * session.run(None, feed)[0]
 ```
 """

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +25,11 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from fmkit import checkpoint
-from fmkit.batch import UNSPECIFIED, Cond, Condition, DataSpec, call_model
+from fmkit.batch import Cond, DataSpec, call_model
+from fmkit.conditions import condition_keys, encode_conditions, unconditional
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, json_file, write_atomic, write_json
 from fmkit.objective import Objective, as_model
-from fmkit.registry import unknown_name_message
 from fmkit.solver import Solution, Solver, build_solver
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
@@ -384,10 +384,10 @@ class GuidedModel:
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         w = self.guidance
         # Guidance needs a condition to leave out: a second time "r" alone is not one.
-        if cond is None or w == 1.0 or not LABELS & cond.keys() or not self._inside(t):
+        if cond is None or w == 1.0 or not condition_keys(cond) or not self._inside(t):
             self.nfe += 1
             return call_model(self.module, x, t, cond)
-        free = {k: torch.full_like(v, UNSPECIFIED) if k in LABELS else v for k, v in cond.items()}
+        free = unconditional(cond)
         if w == 0.0:
             self.nfe += 1
             return call_model(self.module, x, t, free)
@@ -402,64 +402,6 @@ class GuidedModel:
             return True
         now = float(t.reshape(-1)[0])  # one time for the whole batch during a solve
         return lo - 1e-6 <= now <= hi + 1e-6  # a grid point on the edge (in float32) is inside
-
-
-LABELS = {"class", "attributes"}  # the condition keys guidance leaves out
-
-
-def encode_conditions(condition: Condition, wanted: Any, n: int) -> Cond | None:
-    """Conditions as a user gives them -> the tensors a model takes, one row per sample.
-
-    `wanted` is None; a mapping of names to values applied to every sample
-    ({"Smiling": 1, "Eyeglasses": 0} for attributes, leaving the others unspecified, or
-    {"class": "cat"} / {"class": 3}); a list of n such mappings, one per sample; or tensors
-    already in fmkit.batch's form ({"class": (n,)} or {"attributes": (n, K)}).
-    """
-    if wanted is None or (isinstance(wanted, Mapping) and not wanted):
-        return None
-    if isinstance(wanted, Mapping) and all(isinstance(v, Tensor) for v in wanted.values()):
-        return dict(wanted)
-    if condition.kind == "none":
-        raise FmkitError("this model was trained without conditions; sample it without any")
-    rows = list(wanted) if isinstance(wanted, (list, tuple)) else [wanted] * n
-    if len(rows) != n:
-        raise FmkitError(f"{len(rows)} conditions given for {n} samples")
-    encoded = [_encode_one(condition, row) for row in rows]
-    return {condition.kind: torch.tensor(encoded, dtype=torch.long)}
-
-
-def _encode_one(condition: Condition, row: Mapping[str, Any]) -> int | list[int]:
-    names = list(condition.names)
-    if condition.kind == "class":
-        unknown = sorted(set(row) - {"class"})
-        if unknown:
-            raise FmkitError(f"a class-conditional model takes class=NAME, not '{unknown[0]}'")
-        value = row.get("class")
-        if value is None:
-            return UNSPECIFIED
-        # Names win: folders named 0..11 sort 0, 1, 10, 11, 2, ..., so "2" is the class named
-        # 2. An index is an int (the Python API) or spelled "#2".
-        if isinstance(value, str) and value in names:
-            return names.index(value)
-        if isinstance(value, str) and value[:1] == "#" and value[1:].isdigit():
-            value = int(value[1:])
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-            return value
-        raise FmkitError(
-            unknown_name_message("class", str(value), names) + " (an index: class=#INDEX)"
-        )
-    states = [UNSPECIFIED] * len(names)
-    for name, value in row.items():
-        if name not in names:
-            raise FmkitError(unknown_name_message("attribute", name, names))
-        # True and False are 1 and 0 too; lists and other unhashables are simply wrong.
-        state = {0: 0, 1: 1, "0": 0, "1": 1}.get(value) if isinstance(value, (int, str)) else None
-        if state is None:
-            raise FmkitError(
-                f"attribute {name} must be 0 or 1 (leave it out for unspecified), got {value!r}"
-            )
-        states[names.index(name)] = state
-    return states
 
 
 # A model folder; those written before folders were marked are recognised by their config.

@@ -35,5 +35,10 @@ def register_solvers(register):
 
 
 @hookspec
+def register_conditions(register):
+    """Register condition kinds: register(name, factory); factory() -> ConditionKind."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the fmkit click group `cli`."""

@@ -67,7 +67,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         labels: optional (N,) or (N, K) tensor; items become (image, label) when given.
         split: the split these files are ("train", "test", ...); None when the source has no
             splits (evaluation says so rather than pretend to score held-out images).
-        condition: what `labels` are (a class out of K names, or K attributes).
+        condition: what `labels` are (a fmkit.Condition: their kind and names).
 
     Items are (3, image_size, image_size) float tensors, or (image, label) tuples. Random
     flips are the training loop's business (drawn per sample from the step's seed), not the

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fmkit.batch import UNSPECIFIED, Batch, Cond, call_model
+from fmkit.batch import Batch, Cond, call_model
 from fmkit.errors import FmkitError
 from fmkit.solver import Solution, Solver, Velocity, integrate
 
@@ -115,21 +115,20 @@ def drop_conditions(
     velocities that classifier-free guidance combines (Ho & Salimans 2022, "Classifier-Free
     Diffusion Guidance").
 
-    Each sample's whole condition is dropped with probability `sample_rate`; with attributes,
-    each remaining attribute is dropped with probability `attribute_rate` too, so any subset can
-    be left unspecified at sampling time. Dropped entries become UNSPECIFIED. The second time
-    "r" of few-step objectives is never dropped.
+    Each sample's whole condition is dropped with probability `sample_rate`; a kind with
+    parts (attributes) also drops each remaining part with probability `attribute_rate`, so any
+    subset can be left unspecified at sampling time. Dropped entries become the kind's
+    unspecified values (`ConditionKind.drop`). The second time "r" of few-step objectives is
+    never dropped.
     """
+    from fmkit.conditions import condition_keys, condition_kind
+
     if cond is None or (sample_rate <= 0 and attribute_rate <= 0):
         return cond
     out = dict(cond)
     whole = draws.uniform() < sample_rate  # (n,)
-    if "class" in cond:
-        out["class"] = torch.where(whole, UNSPECIFIED, cond["class"])
-    if "attributes" in cond:
-        attributes = cond["attributes"]
-        dropped = whole[:, None] | (draws.uniform(attributes.shape[1]) < attribute_rate)
-        out["attributes"] = torch.where(dropped, UNSPECIFIED, attributes)
+    for key in condition_keys(cond):
+        out[key] = condition_kind(key).drop(cond[key], whole, draws, attribute_rate)
     return out
 
 

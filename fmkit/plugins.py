@@ -28,6 +28,7 @@ logger = logging.getLogger("fmkit")
 ENTRY_POINT_GROUP = "fmkit"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "fmkit_plugins.conditions",
     "fmkit_plugins.unet",
     "fmkit_plugins.paths",
     "fmkit_plugins.objectives",
@@ -57,6 +58,7 @@ KINDS: dict[str, Kind] = {
     "paths": Kind("path", ()),
     "solvers": Kind("solver", ()),
     "objectives": Kind("objective", ("path",)),
+    "conditions": Kind("condition kind", ()),
 }
 
 
@@ -69,7 +71,20 @@ class PluginInfo:
     distribution: str  # "fmkit" for built-ins
 
 
-pm = pluggy.PluginManager("fmkit")
+_registries: dict[str, Registry] = {}  # built from the plugins, until one comes or goes
+
+
+class _PluginManager(pluggy.PluginManager):
+    def register(self, plugin, name=None):
+        _registries.clear()
+        return super().register(plugin, name)
+
+    def unregister(self, plugin=None, name=None):
+        _registries.clear()
+        return super().unregister(plugin, name)
+
+
+pm = _PluginManager("fmkit")
 pm.add_hookspecs(hookspecs)
 _info: dict[str, PluginInfo] = {}
 _loaded = False
@@ -144,6 +159,12 @@ def registry(kind: str) -> Registry:
     if kind not in KINDS:
         raise ValueError(f"unknown registry {kind!r}; expected one of {', '.join(KINDS)}")
     manager = load_plugins()
+    if kind not in _registries:  # samplers and the training loop look kinds up per step
+        _registries[kind] = _build(manager, kind)
+    return _registries[kind]
+
+
+def _build(manager: pluggy.PluginManager, kind: str) -> Registry:
     spec = KINDS[kind]
     reg = Registry(spec.noun, spec.fixed, spec.optional)
     caller = getattr(manager.hook, f"register_{kind}")

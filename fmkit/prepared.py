@@ -3,7 +3,8 @@ array, which loads far faster than decoding image files every epoch.
 
 Layout of a prepared directory:
     images.npy   (N, H, W, 3) uint8, opened with numpy's mmap_mode="r"
-    labels.npy   (N,) or (N, K) int64, when the source dataset yielded labels
+    labels.npy   (N, ...) the labels, when the source dataset yielded them, as their condition
+                 kind collates them (the built-in kinds: int64)
     noise_seeds.npy  (N,) int64, in reflow's pair folders: image i was generated from the noise
                  `fmkit.reflow.pair_noise` makes of seed i
     meta.json    {"count", "image_size", "source": {...}, "condition": {...}} describing how
@@ -78,13 +79,15 @@ def _write_staged(dataset, staging: Path, source: dict, progress: bool, workers:
             done += len(batch)
             bar.update(len(batch))
     labels = getattr(dataset, "labels", None)
-    if labels is not None:
-        np.save(staging / "labels.npy", np.stack([np.asarray(x) for x in labels]).astype(np.int64))
+    condition = describe(dataset, int(first.shape[0])).condition
+    if labels is not None:  # stored as the condition's kind collates them (class: int64)
+        stored = cond_from_labels(list(labels), condition) if condition.kind != "none" else None
+        table = stored[condition.kind] if stored else torch.as_tensor(np.stack(list(labels)))
+        np.save(staging / "labels.npy", table.numpy())
     images.flush()
     del images
     meta = {"count": len(dataset), "image_size": int(first.shape[0]), "source": source}
     if labels is not None:  # what the labels are, so training can condition on them
-        condition = describe(dataset, int(first.shape[0])).condition
         meta["condition"] = condition.to_dict()
     write_json(staging / META, meta)
 
@@ -150,8 +153,8 @@ class PreparedArray(torch.utils.data.Dataset):
         image_size: must equal the size the cache was written at.
         split: the split asked for; must be the one the array was prepared from, when
             meta.json records one (`split` then says which it is; None when unrecorded).
-        condition: "none", or the condition the array was prepared with ("class" or
-            "attributes"): items then carry their label.
+        condition: "none", or the condition kind the array was prepared with: items then
+            carry their label.
     """
 
     def __init__(

@@ -9,7 +9,8 @@ than the uint8 image and regenerates exactly from its seed):
 
     images.npy       (N, S, S, C) uint8, the teacher's images
     noise_seeds.npy  (N,) int64; `pair_noise` turns them back into the noise
-    labels.npy       (N,) class indices, for a class-conditional teacher
+    labels.npy       (N, ...) the conditions asked for, balanced over the teacher's condition
+                     kind's states (a class-conditional teacher: each class in turn)
     pairs.json       the settings and how many pairs are done (updated after every batch)
     meta.json        written last: the folder is complete and reads as a prepared dataset
 """
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fmkit.conditions import condition_kind
 from fmkit.errors import FmkitError
 from fmkit.folders import Claim, FolderKind, claim, json_file, write_json
 from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
@@ -77,12 +79,15 @@ def write_pairs(
     """
     spec = teacher.data
     condition = spec.condition
-    if condition.kind == "attributes":
-        raise FmkitError(
-            "reflow pairs from an attribute-conditional teacher are not supported yet "
-            "(which attribute vectors to ask for is open); use a class-conditional or "
-            "unconditional teacher"
-        )
+    states = None  # the conditions the pairs are balanced over
+    if condition.kind != "none":
+        states = condition_kind(condition.kind).states(condition)
+        if states is None:
+            raise FmkitError(
+                f"reflow pairs from a {condition.kind}-conditional teacher are not supported "
+                "yet (which conditions to ask for is open: the kind has no few states to "
+                "balance over); use a class-conditional or unconditional teacher"
+            )
     out = Path(out)
     record = {
         **settings,
@@ -94,7 +99,7 @@ def write_pairs(
         "channels": spec.channels,
         "condition": condition.to_dict(),
     }
-    if condition.kind == "class":  # guidance means something only for a conditional teacher
+    if states is not None:  # guidance means something only for a conditional teacher
         record.update(guidance=guidance, guidance_interval=list(GUIDANCE_INTERVAL))
     folder, done = _start(out, record)
     if done is None:
@@ -114,8 +119,8 @@ def write_pairs(
         raise FmkitError(f"{out / 'images.npy'} is damaged; choose another --out")
     np.save(out / "noise_seeds.npy", pair_seeds(seed, 0, num_pairs).numpy())
     labels = None
-    if condition.kind == "class":  # balanced over the classes
-        labels = np.arange(num_pairs, dtype=np.int64) % condition.size
+    if states is not None:  # balanced over the kind's states (a class: each in turn)
+        labels = states[torch.arange(num_pairs) % len(states)].numpy()
         np.save(out / "labels.npy", labels)
     with tqdm(
         total=num_pairs, initial=done, desc="reflow pairs", unit="pair", disable=not progress
@@ -125,7 +130,7 @@ def write_pairs(
             noise = pair_noise(pair_seeds(seed, done, stop), (spec.channels, *shape[:2]))
             cond = None
             if labels is not None:
-                cond = {"class": torch.from_numpy(labels[done:stop]).to(teacher.device)}
+                cond = {condition.kind: torch.from_numpy(labels[done:stop]).to(teacher.device)}
             x = teacher.generate(
                 noise, solver, cond, guidance=guidance, interval=GUIDANCE_INTERVAL
             ).x

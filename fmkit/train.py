@@ -183,6 +183,8 @@ class Run:
         self.micro_batch = self.local_batch // cfg.grad_accum  # images per forward/backward
         self.objective = self.build_objective()
         backbones = registry("backbones")  # options checked before any download
+        if cfg.condition != "none":
+            registry("conditions").get(cfg.condition)  # an unknown kind lists the known ones
         if cfg.condition != "none" and not backbones.accepts(cfg.backbone, "data"):
             raise FmkitError(
                 f"backbone '{cfg.backbone}' takes no conditions (its factory has no `data` "

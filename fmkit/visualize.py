@@ -29,14 +29,8 @@ def trajectory_strip(trajectory: Tensor, save_path: str | Path) -> Path:
 
 
 def grid_conditions(condition: Condition, rows: int) -> list[tuple[str, dict]]:
-    """What each row of a training grid shows, so control can be watched as it emerges:
-    one class per row (cycling) or, with attributes, the unconditional model, then each
-    attribute on and off in turn. Returns (caption, conditions) per row."""
-    if condition.kind == "class":
-        return [(f"class={condition.names[r % condition.size]}", {"class": r % condition.size})
-                for r in range(rows)]  # fmt: skip
-    shown = [("unconditional (all attributes unspecified)", {})]
-    for r in range(rows - 1):
-        name, value = condition.names[(r // 2) % condition.size], 1 - r % 2
-        shown.append((f"{name}={value}", {name: value}))
-    return shown[:rows]
+    """What each row of a training grid shows, so control can be watched as it emerges (the
+    condition kind's choice, e.g. one class per row). Returns (caption, conditions) per row."""
+    from fmkit.conditions import condition_kind
+
+    return condition_kind(condition.kind).grid_rows(condition, rows)

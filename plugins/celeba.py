@@ -8,12 +8,14 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from fmkit import FmkitError, hookimpl
 from fmkit.batch import Condition
+from fmkit.data import build_dataset, make_loader
 from fmkit.download import DownloadError, download, md5sum, unreachable
 from fmkit.images import Box, ImageFileDataset, center_square
 from fmkit.registry import unknown_name_message
@@ -243,6 +245,46 @@ def celeba(
     )
     dataset.attributes = attr_names
     return dataset
+
+
+def load_celeba_data(
+    batch_size: int = 32,
+    data_dir: str = "./data",
+    image_size: int = 64,
+    split: str = "train",
+    num_workers: int = 0,
+    flip: bool = True,
+    labels: bool = False,
+    **options: Any,
+) -> DataLoader:
+    """The seed's loader: CelebA (downloaded on first use) batched as (B, 3, S, S) in [-1, 1].
+
+    `flip` mirrors training images at random, `labels` adds the 40 attributes (batches are then
+    (images, attributes)); other options (crop, download, ...) are the `celeba` dataset's.
+    """
+    condition = "attributes" if labels else "none"  # the `attributes` condition kind
+    data = build_dataset("celeba", data_dir, image_size, split, options, condition)
+    if flip and split == "train":
+        data = RandomFlips(data)
+    return make_loader(data, batch_size, num_workers, shuffle=split == "train")
+
+
+class RandomFlips(Dataset):
+    """Items of `dataset` mirrored with probability 1/2 (the seed loader's augmentation; fmkit
+    train flips per sample from the step's seed instead)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        image = item[0] if isinstance(item, tuple) else item
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return (image, *item[1:]) if isinstance(item, tuple) else image
 
 
 @hookimpl

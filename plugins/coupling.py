@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fmkit.batch import Cond
+from fmkit.conditions import condition_keys, condition_kind
 
 COUPLINGS = ("independent", "ot", "sinkhorn")
 SCOPES = ("global", "local")
@@ -77,13 +78,13 @@ def _gather(local: Tensor, spread: bool) -> Tensor:
 
 
 def _condition_ids(cond: Cond | None, n: int, device, spread: bool) -> Tensor:
-    """(N,) an id per distinct condition in the group (all zeros when unconditional)."""
-    if cond is None or not any(k in cond for k in ("class", "attributes")):
+    """(N,) an id per distinct condition in the group (all zeros when unconditional): equal
+    rows of the kind's `group_key`."""
+    keys = condition_keys(cond)
+    if not keys:
         local = torch.zeros(n, 1, dtype=torch.long, device=device)
-    elif "class" in cond:
-        local = cond["class"].reshape(n, 1).long()
     else:
-        local = cond["attributes"].reshape(n, -1).long()
+        local = torch.cat([condition_kind(k).group_key(cond[k]).reshape(n, -1) for k in keys], 1)
     return torch.unique(_gather(local, spread).cpu(), dim=0, return_inverse=True)[1]
 
 

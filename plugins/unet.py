@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fmkit import UNSPECIFIED, Condition, DataSpec, FmkitError, hookimpl
+from fmkit import Condition, DataSpec, FmkitError, hookimpl
+from fmkit.conditions import condition_kind
 
 
 def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
@@ -120,41 +121,6 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class ConditionEmbedding(nn.Module):
-    """The conditions of `fmkit.batch` as a vector added to the time embedding (ADM adds its
-    class embedding the same way).
-
-    A class is a row of a (K + 1)-row table, the last row meaning "unspecified". K binary
-    attributes are the sum of K rows of a (3K)-row table, one row per attribute and state (off,
-    on, unspecified), so any subset can be left out and all left out is the unconditional model.
-
-    Args:
-        condition: what the data is conditioned on ("class" or "attributes", with K names).
-        dim: the embedding width.
-    """
-
-    def __init__(self, condition: Condition, dim: int) -> None:
-        super().__init__()
-        self.kind, self.size = condition.kind, condition.size
-        rows = self.size + 1 if self.kind == "class" else 3 * self.size
-        self.table = nn.Embedding(rows, dim)
-
-    def forward(self, cond: dict[str, Tensor] | None, batch: int, device) -> Tensor:
-        """(B, dim) embedding; cond None means every condition unspecified."""
-        if self.kind == "class":
-            labels = torch.full((batch,), UNSPECIFIED, dtype=torch.long, device=device)
-            if cond is not None:
-                labels = cond["class"].to(device, torch.long)
-            index = torch.where(labels < 0, self.size, labels)  # (B,)
-            return self.table(index)
-        states = torch.full((batch, self.size), UNSPECIFIED, dtype=torch.long, device=device)
-        if cond is not None:
-            states = cond["attributes"].to(device, torch.long)
-        state = torch.where(states < 0, 2, states)  # off 0, on 1, unspecified 2; (B, K)
-        index = 3 * torch.arange(self.size, device=device) + state  # (B, K)
-        return self.table(index).sum(1)  # (B, dim)
-
-
 def check_image_size(
     image_size: int, channel_mult: tuple[int, ...], attn_resolutions: tuple[int, ...]
 ) -> list[int]:
@@ -254,7 +220,8 @@ class UNet(nn.Module):
             nn.init.zeros_(self.gap_mlp[-1].bias)
         self.cond_emb = None
         if condition is not None and condition.kind != "none":
-            self.cond_emb = ConditionEmbedding(condition, emb)
+            # Added to the time embedding, as ADM adds its class embedding.
+            self.cond_emb = condition_kind(condition.kind).embedding(condition, emb)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def stage(in_ch: int, out_ch: int, size: int) -> nn.ModuleList:

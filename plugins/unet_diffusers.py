@@ -10,22 +10,17 @@ The exported model keeps fmkit's time convention, and diffusers' flow-matching s
 told so (`invert_sigmas`, see fmkit.export): `timestep` is 1000 t with t = 0 noise and t = 1
 data, and the output is the velocity dx/dt.
 
-Conditions become `class_labels`: a class model takes the class index, or K (its number of
-classes) for "unspecified"; an attribute model takes sum_k state_k * 3**k over its K attributes
-with state 0 off, 1 on, 2 unspecified (a table of 3**K rows, each the sum of our per-attribute
-rows, so K is limited to MAX_ATTRIBUTES).
+Conditions become `class_labels`: diffusers' class embedding is one lookup table, which the
+condition kind's embedding builds (`class_table()`) and whose rows its `class_labels` picks
+(fmkit_plugins.conditions: a class index, or K for "unspecified"; for K attributes a table of
+3**K rows). A kind whose embedding is not a lookup table cannot be exported to diffusers.
 """
 
 from __future__ import annotations
 
-import itertools
-
-import torch
 from torch import Tensor, nn
 
 from fmkit import FmkitError
-
-MAX_ATTRIBUTES = 8  # 3**8 = 6,561 rows of the combined table
 
 
 def to_diffusers(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
@@ -109,13 +104,6 @@ def _check(model: nn.Module, arch: dict, widths: list[int]) -> None:
             f"UNet2DModel uses one group count (base_channels of 64 or more, in multiples of "
             f"64, give 32 everywhere)"
         )
-    cond = model.cond_emb
-    if cond is not None and cond.kind == "attributes" and cond.size > MAX_ATTRIBUTES:
-        raise FmkitError(
-            f"export: {cond.size} attributes would need a table of 3**{cond.size} class "
-            f"embeddings in diffusers; at most {MAX_ATTRIBUTES} attributes can be exported "
-            f"(train on a subset: --dataset-opt attributes=A,B,C)"
-        )
 
 
 def _head_dim(arch: dict, widths: list[int]) -> int | None:
@@ -134,17 +122,15 @@ def _head_dim(arch: dict, widths: list[int]) -> int | None:
 
 
 def _class_table(cond: nn.Module) -> Tensor:
-    """(rows, dim) diffusers' class-embedding table: ours for classes; for K attributes, row
-    sum_k state_k 3**k holds the sum of our rows 3k + state_k."""
-    table = cond.table.weight.detach()
-    if cond.kind == "class":
-        return table.clone()
-    k = cond.size
-    rows = []
-    for combination in itertools.product(range(3), repeat=k):
-        states = combination[::-1]  # product varies the last slot fastest: it is attribute 0
-        rows.append(table[[3 * i + s for i, s in enumerate(states)]].sum(0))
-    return torch.stack(rows)
+    """(rows, dim) diffusers' class-embedding table, which the condition kind's embedding
+    builds (`class_table()`; see fmkit_plugins.conditions), or a one-line error."""
+    build = getattr(cond, "class_table", None)
+    if build is None:
+        raise FmkitError(
+            f"export: this model's condition embedding ({type(cond).__name__}) is not a lookup "
+            "table, so diffusers' class_labels cannot express it; --format onnx can"
+        )
+    return build()
 
 
 def _copy(state: dict, prefix: str, module: nn.Module) -> None:

@@ -13,8 +13,8 @@ from conftest import one_line_error
 from PIL import Image
 
 import fmkit_plugins.celeba as celeba_plugin
-from fmkit import FmkitError
-from fmkit.data import build_dataset, load_celeba_data
+from fmkit import FmkitError, load_celeba_data
+from fmkit.data import build_dataset
 from fmkit.download import DownloadError, download
 
 N = 12  # images: 8 train, 2 valid, 2 test

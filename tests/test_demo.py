@@ -79,7 +79,11 @@ def post(url, body):
 def test_the_api_generates_with_conditions_and_reports_nfe(server):
     with urllib.request.urlopen(server + "/api/model", timeout=10) as response:
         model = json.loads(response.read())
-    assert model["condition"] == {"kind": "attributes", "names": list(ATTRIBUTES)}
+    condition = model["condition"]
+    assert condition["kind"] == "attributes" and condition["names"] == list(ATTRIBUTES)
+    # The page draws what the condition kind describes: here a radio set per attribute.
+    assert [c["key"] for c in condition["controls"]] == list(ATTRIBUTES)
+    assert all(c["style"] == "radio" for c in condition["controls"])
     assert {"name": "dopri5", "adaptive": True} in model["solvers"]
     status, plain = post(server, {"seed": 1, "count": 3, "solver": "euler", "steps": 4})
     assert status == 200 and len(plain["images"]) == 3 and plain["nfe"] == 4
@@ -160,8 +164,8 @@ def test_the_page_in_a_real_browser(model_folder, tmp_path):
         ]
         assert len(first) == 8 and all(src.startswith("data:image/png") for src in first)
 
-        browser.find_element(By.ID, f"attr-{attributes[0]}-on").click()
-        browser.find_element(By.ID, f"attr-{attributes[1]}-off").click()
+        browser.find_element(By.ID, f"cond-{attributes[0]}-on").click()
+        browser.find_element(By.ID, f"cond-{attributes[1]}-off").click()
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("8 images")
                    and [i.get_attribute("src") for i in b.find_elements(By.CSS_SELECTOR, "#images img")] != first)  # fmt: skip
@@ -196,7 +200,7 @@ def test_class_names_reach_the_page_as_text(tmp_path):
             browser.get(url + "/")
             wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "ready"))
             assert not browser.find_elements(By.CSS_SELECTOR, "#conditions i")
-            Select(browser.find_element(By.ID, "class")).select_by_visible_text(odd)
+            Select(browser.find_element(By.ID, "cond-class")).select_by_visible_text(odd)
             browser.find_element(By.ID, "generate").click()
             wait.until(lambda b: "NFE" in b.find_element(By.ID, "status").text
                        or "error" in b.find_element(By.ID, "status").text)  # fmt: skip

@@ -4,6 +4,7 @@ actions, final save); the objective it optimises is a plugin it never looks insi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -297,13 +298,19 @@ class Run:
         self.model = as_model(trained)
 
     def init_weights(self, model: nn.Module) -> None:
-        """Load --init-from's EMA weights (a resumed run then replaces them with its own)."""
+        """Load --init-from's EMA weights (a resumed run then replaces them with its own).
+
+        The model may differ from the teacher's only in what the objective needs switched on
+        (`Objective.backbone_needs`: MeanFlow's second time): those weights keep their own
+        initialisation, which for the built-in UNet leaves the teacher's velocity unchanged
+        (its r-path starts at zero)."""
         teacher = Generator.load(self.cfg.init_from)
-        mismatch = [
-            name
-            for name in ("backbone", "backbone_opts")
-            if _plain(getattr(teacher.spec, name)) != _plain(getattr(self.spec, name))
-        ]
+        needs = set(self.objective.backbone_needs)
+        own = {k: v for k, v in self.spec.backbone_opts.items() if k not in needs}
+        theirs = {k: v for k, v in teacher.spec.backbone_opts.items() if k not in needs}
+        mismatch = ["backbone"] if teacher.spec.backbone != self.spec.backbone else []
+        if _plain(own) != _plain(theirs):
+            mismatch.append("backbone_opts")
         if teacher.spec.data != self.spec.data:
             mismatch.append("data (resolution, channels or conditions)")
         if mismatch:
@@ -312,7 +319,16 @@ class Run:
                 f"{', '.join(mismatch)}; it was {teacher.spec.backbone} {teacher.spec.backbone_opts} "
                 f"for {teacher.spec.data.to_dict()}"
             )
-        model.load_state_dict(teacher.module.state_dict())
+        missing, unexpected = model.load_state_dict(teacher.module.state_dict(), strict=False)
+        # Only weights that the needs add may be missing: those a model without them lacks.
+        plain = build_backbone(dataclasses.replace(self.spec, backbone_opts={**own, **{
+            k: v for k, v in teacher.spec.backbone_opts.items() if k in needs}}))  # fmt: skip
+        added = set(model.state_dict()) - set(plain.state_dict())
+        if unexpected or set(missing) - added:
+            raise FmkitError(
+                f"--init-from {self.cfg.init_from}: its weights do not fit this model "
+                f"({(list(unexpected) or sorted(set(missing) - added))[0]})"
+            )
 
     def resume(self) -> None:
         latest = checkpoint.find_latest(self.out)

@@ -109,3 +109,21 @@ def test_meanflow_refuses_two_times_false_before_writing(faces, tmp_path, run_cl
 def test_bad_meanflow_options_are_one_line(faces, tmp_path, run_cli, opt):
     args = train_args(faces, tmp_path / "x", "--objective", "meanflow", "--objective-opt", opt)
     assert "meanflow" in one_line_error(run_cli(*args, *TINY[:0], "--max-steps", 1))
+
+
+def test_a_meanflow_student_starts_from_a_flow_matching_teacher(faces, tmp_path, run_cli):
+    """`--init-from` a flow-matching teacher: the student's second-time path is new (and starts
+    at zero), everything else is the teacher's, so at the start it is the teacher's velocity."""
+    teacher = tmp_path / "teacher"
+    assert run_cli(*train_args(faces, teacher, "--max-steps", 2)).exit_code == 0
+    student = tmp_path / "student"
+    result = run_cli(*train_args(faces, student, "--objective", "meanflow", "--init-from",
+                                 teacher, "--max-steps", 1, "--lr", 1e-12))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    a, b = Generator.load(teacher), Generator.load(student)
+    assert b.spec.backbone_opts["two_times"] is True and "two_times" not in a.spec.backbone_opts
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        expected = a.module(x, t)
+        for r in (t, torch.ones(3)):  # the average velocity over any interval, at the start
+            torch.testing.assert_close(b.module(x, t, {"r": r}), expected, atol=1e-5, rtol=1e-4)

@@ -126,7 +126,9 @@ class TrainConfig:
     save_every_steps: int | None = option(None, "Checkpoint every N steps.", min=1)
     sample_every_steps: int | None = option(None, "Sample grid every N steps.", min=1)
     num_samples: int = option(64, "Images per grid.", min=1)
-    sample_steps: int = option(100, "Euler steps for grids.", min=1)
+    sample_steps: int | None = option(
+        None, "Steps of the grids' sampler [default: the model's, e.g. ab2 with 20].", min=1
+    )
     log_every: int = option(50, "Steps per metrics.jsonl line.", min=1)
     output: str = option("results", "Run directory.")
     seed: int = option(

@@ -39,7 +39,7 @@ from PIL import Image
 from fmkit.conditions import condition_kind
 from fmkit.config import SEED_MAX
 from fmkit.errors import FmkitError
-from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, SAMPLE_SOLVER, SAMPLE_STEPS, Generator
+from fmkit.generator import Generator
 from fmkit.pixels import to_pixels
 from fmkit.solver import build_solver
 
@@ -76,10 +76,11 @@ class Demo:
         from fmkit.plugins import registry
 
         condition = self.generator.data.condition
+        defaults = self.generator.defaults
         solvers = []
         for name in registry("solvers").names():
             try:
-                adaptive = build_solver(name, steps=SAMPLE_STEPS).adaptive
+                adaptive = build_solver(name, steps=defaults.steps).adaptive
             except Exception:  # a solver that needs options the page does not offer
                 continue
             solvers.append({"name": name, "adaptive": adaptive})
@@ -96,10 +97,10 @@ class Demo:
                 else condition_kind(condition.kind).controls(condition),
             },
             "solvers": solvers,
-            "defaults": {
-                "solver": SAMPLE_SOLVER,
-                "steps": SAMPLE_STEPS,
-                "guidance": GUIDANCE,
+            "defaults": {  # the model's own (saved with it)
+                "solver": defaults.solver,
+                "steps": defaults.steps,
+                "guidance": defaults.guidance,
                 "count": 8,
                 "seed": 0,
             },
@@ -110,12 +111,13 @@ class Demo:
         """Sample as the request asks; FmkitError (a 400 for the page) for bad values."""
         seed = _integer(request, "seed", 0, 0, SEED_MAX)
         count = _integer(request, "count", 8, 1, MAX_COUNT)
-        steps = _integer(request, "steps", SAMPLE_STEPS, 1, MAX_STEPS)
-        guidance = _number(request, "guidance", GUIDANCE, 0.0, 20.0)
-        solver_name = str(request.get("solver", SAMPLE_SOLVER))
+        defaults = self.generator.defaults
+        steps = _integer(request, "steps", defaults.steps, 1, MAX_STEPS)
+        guidance = _number(request, "guidance", defaults.guidance, 0.0, 20.0)
+        solver_name = str(request.get("solver", defaults.solver))
         cond = _conditions(request.get("cond") or {})
         try:
-            solver = build_solver(solver_name, steps=steps)
+            solver = defaults.solver_for(solver_name, steps).solver
         except (ValueError, TypeError) as exc:
             raise FmkitError(f"solver {solver_name}: {exc}") from None
         if not self.admitted.acquire(blocking=False):
@@ -130,7 +132,6 @@ class Demo:
                     seed=seed,
                     trajectory=TRAJECTORY,
                     guidance=guidance,
-                    interval=GUIDANCE_INTERVAL,
                 )
         finally:
             self.admitted.release()

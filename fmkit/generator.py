@@ -1,21 +1,14 @@
 """The Generator: a model spec and its weights, with no training state. Every sampler uses it:
-`fmkit sample`, `fmkit eval`, the training grids, the benchmarks and exports.
-
-Its folder form (`save_pretrained` / `from_pretrained`, as diffusers' models do):
-
-    config.json        {"format": "fmkit-generator", "format_version": 1, "model": ModelSpec
-                        (backbone, data, objective, path, their options and the plugins that
-                        provide them), "dtype": "float32" | "float16", "fmkit_version": ...}
-    model.safetensors  the backbone's weights (the EMA weights of a run), fp32 or fp16
-"""
+`fmkit sample`, `fmkit eval`, the training grids, the benchmarks and exports. Its folder form
+is described in fmkit.spec."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,101 +18,26 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from fmkit import checkpoint
-from fmkit.batch import Cond, DataSpec, call_model
-from fmkit.conditions import condition_keys, encode_conditions, unconditional
+from fmkit.batch import Cond, DataSpec
+from fmkit.conditions import encode_conditions
 from fmkit.errors import FmkitError
-from fmkit.folders import FolderKind, claim, json_file, write_atomic, write_json
+from fmkit.folders import claim, write_atomic, write_json
+from fmkit.guidance import GuidedModel
 from fmkit.objective import Objective, as_model
-from fmkit.solver import Solution, Solver, build_solver
-
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
-# Classifier-free guidance of conditional models unless asked otherwise: weight 1.5 at times
-# 0.2 <= t <= 0.8 made 98% of digits the requested class at a Fréchet distance below the
-# unconditional model's (benchmarks/conditional.py; docs/benchmarks.md). Unconditional models
-# are never guided.
-GUIDANCE, GUIDANCE_INTERVAL = 1.5, (0.2, 0.8)
-GUIDANCE_MAX = 100.0  # far beyond any useful weight; infinities would make NaN images
-# Sampling unless asked otherwise: Adams-Bashforth 2 on the shift schedule came within 1% of
-# dopri5 (200 NFE) at 20 steps, and within 1% at 8, on the quality benchmark (benchmarks.md,
-# "Without mirrored digits" and "Few-step generation").
-SAMPLE_SOLVER, SAMPLE_STEPS = "ab2", 20
-FORMAT = "fmkit-generator"
-
-
-@dataclass
-class ModelSpec:
-    """Everything that rebuilds a trained model, and nothing about how it was trained.
-
-    Attributes:
-        backbone, backbone_opts: the registered backbone and its options.
-        data: what the model generates (channels, resolution, conditions).
-        objective, objective_opts: the objective, which says how the model is sampled.
-        path, path_opts: the probability path the objective uses.
-        components: which plugin, distribution and version provided each component.
-    """
-
-    backbone: str
-    backbone_opts: dict
-    data: DataSpec
-    objective: str = "flow_matching"
-    objective_opts: dict = field(default_factory=dict)
-    path: str = "linear"
-    path_opts: dict = field(default_factory=dict)
-    components: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone,
-            "backbone_opts": self.backbone_opts,
-            "data": self.data.to_dict(),
-            "objective": self.objective,
-            "objective_opts": self.objective_opts,
-            "path": self.path,
-            "path_opts": self.path_opts,
-            "components": self.components,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(**{**data, "data": DataSpec.from_dict(data["data"])})
-
-    @classmethod
-    def from_checkpoint_meta(cls, meta: dict[str, Any]) -> ModelSpec:
-        """The spec a checkpoint records; checkpoints written before specs existed (fmkit
-        0.1.0 up to this format) are read from their training config."""
-        if "model" in meta:
-            return cls.from_dict(meta["model"])
-        config = meta.get("config")
-        if not isinstance(config, dict) or "backbone" not in config:
-            raise FmkitError(
-                "this checkpoint records neither a model spec nor a training config; it was "
-                f"not written by fmkit (metadata version {meta.get('fmkit_version', 'unknown')})"
-            )
-        return cls(
-            backbone=config["backbone"],
-            backbone_opts=config.get("backbone_opts", {}),
-            data=DataSpec(config.get("channels", 3), config.get("image_size", 64)),
-            path=config.get("path", "linear"),
-            path_opts=config.get("path_opts", {}),
-            components=meta.get("components", {}),
-        )
-
-
-def read_spec(source: str | Path) -> ModelSpec:
-    """The ModelSpec of a model folder, checkpoint or run directory, without its weights."""
-    source = Path(source)
-    if is_model_folder(source):
-        try:
-            return ModelSpec.from_dict(json.loads((source / CONFIG).read_text())["model"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise FmkitError(
-                f"{source} is not an fmkit model folder ({CONFIG} unreadable)"
-            ) from None
-    if not source.exists():
-        raise FmkitError(
-            f"{source} does not exist (expected a run directory, checkpoint or model folder)"
-        )
-    return ModelSpec.from_checkpoint_meta(checkpoint.read_metadata(checkpoint.resolve(source)))
+from fmkit.sampling import Sampling
+from fmkit.solver import Solution, Solver
+from fmkit.spec import (  # noqa: F401 (the names this module has always offered)
+    CONFIG,
+    FORMAT,
+    MODEL_FOLDER,
+    WEIGHTS,
+    ModelSpec,
+    build_backbone,
+    build_objective,
+    is_model_folder,
+    read_spec,
+    sampling_of,
+)
 
 
 @dataclass
@@ -157,6 +75,8 @@ class Generator:
         self.spec = spec
         self.module = module if device is None else module.to(device)
         self.objective: Objective = build_objective(spec)
+        #: how it samples unless asked otherwise (saved with the model; its objective's choice)
+        self.defaults: Sampling = sampling_of(spec, self.objective)
 
     # Building.
 
@@ -208,9 +128,15 @@ class Generator:
         """Write config.json and model.safetensors (fp16 halves the file) into `folder`;
         returns the folder. An earlier model folder there is replaced; any other non-empty
         folder is refused before anything is written."""
+        owned = claim(folder, MODEL_FOLDER)
+        owned.write_staged(lambda staging: self.write_folder(staging, fp16))  # whole, or not
+        return Path(folder)
+
+    def write_folder(self, folder: Path, fp16: bool = False) -> None:
+        """config.json and model.safetensors into `folder` (`save_pretrained` without the
+        claim: for exporters, which write into a staging folder)."""
         from fmkit import __version__
 
-        owned = claim(folder, MODEL_FOLDER)
         dtype = torch.float16 if fp16 else None
         weights = {
             k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
@@ -222,17 +148,12 @@ class Generator:
         config = {
             "format": FORMAT,
             "format_version": 1,
-            "model": self.spec.to_dict(),
+            "model": {**self.spec.to_dict(), "sampling": self.defaults.to_dict()},
             "dtype": "float16" if fp16 else "float32",
             "fmkit_version": __version__,
         }
-
-        def write(staging: Path) -> None:
-            write_atomic(staging / WEIGHTS, safetensors_bytes(weights))
-            write_json(staging / CONFIG, config)
-
-        owned.write_staged(write)  # in place whole, or (a full disk) not at all
-        return Path(folder)
+        write_atomic(Path(folder) / WEIGHTS, safetensors_bytes(weights))
+        write_json(Path(folder) / CONFIG, config)
 
     def weights_digest(self) -> str:
         """A SHA-256 of the weights (names, dtypes, shapes and values): what identifies the
@@ -266,14 +187,17 @@ class Generator:
         solver: Solver,
         cond: Cond | None = None,
         times: Tensor | None = None,
-        guidance: float = GUIDANCE,
-        interval: tuple[float, float] = GUIDANCE_INTERVAL,
+        guidance: float | None = None,
+        interval: tuple[float, float] | None = None,
     ) -> Solution:
         """Integrate from given `noise` (B, C, H, W); states at `times` (default [0, 1]).
 
         `cond` is in fmkit.batch's form (see `encode`); `guidance` and `interval` as in
-        GuidedModel. The NFE counts every network evaluation, guidance's second pass included.
+        GuidedModel (default: the model's). The NFE counts every network evaluation, guidance's
+        second pass included.
         """
+        guidance = self.defaults.guidance if guidance is None else guidance
+        interval = self.defaults.guidance_interval if interval is None else interval
         model = GuidedModel(self.module, guidance, interval)
         solution = self.objective.generate(model, noise.to(self.device), solver, cond, times)
         solution.nfe = model.nfe
@@ -288,20 +212,22 @@ class Generator:
         self,
         num_samples: int,
         *,
-        solver: Solver,
+        solver: Solver | None = None,
         batch_size: int = 64,
         seed: int = 0,
         cond: Any = None,
         trajectory: int = 0,
-        guidance: float = GUIDANCE,
-        interval: tuple[float, float] = GUIDANCE_INTERVAL,
+        guidance: float | None = None,
+        interval: tuple[float, float] | None = None,
     ) -> Iterator[tuple[Tensor, Solution]]:
         """Generate in batches: yields (images on the CPU, Solution) per batch.
 
         Noise comes from a CPU generator seeded by `seed`, drawn batch after batch, so the same
-        seed gives the same images on any device. `cond`: see `encode`. `trajectory` = K >= 2
-        also keeps K states of the first batch.
+        seed gives the same images on any device. `solver` (default: the model's), `cond` (see
+        `encode`), `guidance` and `interval` (default: the model's). `trajectory` = K >= 2 also
+        keeps K states of the first batch.
         """
+        solver = solver or self.defaults.solver_for().solver
         cond = self.encode(cond, num_samples)
         was_training = self.module.training
         self.module.eval()
@@ -326,134 +252,50 @@ class Generator:
         self,
         num_samples: int,
         cond: Any = None,
-        solver: str | Solver = SAMPLE_SOLVER,
-        steps: int | None = SAMPLE_STEPS,
+        solver: str | Solver | None = None,
+        steps: int | None = None,
         seed: int = 0,
         batch_size: int = 64,
         solver_options: dict | None = None,
         trajectory: int = 0,
-        guidance: float = GUIDANCE,
-        interval: tuple[float, float] = GUIDANCE_INTERVAL,
+        guidance: float | None = None,
+        interval: tuple[float, float] | None = None,
+        progress: Callable[[Tensor, Solution], None] | None = None,
+        convert: Callable[[Tensor], Tensor] | None = None,
     ) -> Samples:
         """`num_samples` images from noise seeded by `seed`, with NFE and timing.
 
         Args:
-            cond: what to generate: {"Smiling": 1, "Eyeglasses": 1} (attributes left out are
-                unspecified), {"class": "cat"}, a list of such dicts (one per sample), or
-                tensors in fmkit.batch's form; None for unconditional samples.
-            solver: a registered solver's name (with `steps` / `solver_options`) or a Solver.
+            cond: what to generate: what the model's condition kind takes for every sample
+                ({"class": "cat"}, {"Smiling": 1, "Eyeglasses": 1}), a list of such dicts
+                (one per sample), or tensors in fmkit.batch's form; None for unconditional.
+            solver: a registered solver's name (with `steps` / `solver_options`) or a Solver;
+                unset, the model's (`defaults`), as are unset steps.
             trajectory: K >= 2 keeps K states of the first batch, from noise to image.
             guidance: classifier-free guidance weight w (1: none); `interval` limits it to
-                times lo <= t <= hi.
+                times lo <= t <= hi (unset: the model's).
+            progress: called with each batch's images and Solution as it is done.
+            convert: applied to each batch's images before they are kept (`fmkit.pixels.
+                to_uint8` keeps a quarter of the memory: 50,000 evaluation samples).
         """
-        if isinstance(solver, str):
-            solver = build_solver(solver, steps=steps, options=solver_options)
+        if not isinstance(solver, Solver):
+            solver = self.defaults.solver_for(solver, steps, solver_options).solver
         start = time.perf_counter()
         images, nfe, kept, kept_times = [], [], None, None
         for x, solution in self.batches(
             num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
             trajectory=trajectory, guidance=guidance, interval=interval,
         ):  # fmt: skip
-            images.append(x)
+            images.append(x if convert is None else convert(x))
             nfe.append(solution.nfe)
+            if progress is not None:
+                progress(x, solution)
             if kept is None and trajectory >= 2:
                 kept = solution.trajectory.float().cpu()
                 kept_times = torch.linspace(0, 1, len(kept), dtype=torch.float64)
                 if solution.times is not None:  # e.g. MeanFlow's jumps, whatever was asked
                     kept_times = solution.times.double().cpu()
         return Samples(torch.cat(images), nfe, time.perf_counter() - start, kept, kept_times)
-
-
-class GuidedModel:
-    """A backbone as objectives call it, model(x, t, cond), with classifier-free guidance
-    (Ho & Salimans 2022), and a count of network evaluations.
-
-    With guidance w, the output is v_u + w (v_c - v_u): v_c given the conditions, v_u with
-    every condition unspecified, both from one batched forward pass (counted as 2 NFE). w = 1
-    is the conditional model alone, w = 0 the unconditional one (1 NFE each). Guidance can be
-    limited to times in `interval` (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited
-    Interval Improves Sample and Distribution Quality"); outside it the model is conditional.
-    """
-
-    def __init__(
-        self, module: nn.Module, guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0)
-    ) -> None:
-        self.module, self.guidance, self.interval = module, guidance, interval
-        self.nfe = 0
-
-    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
-        w = self.guidance
-        # Guidance needs a condition to leave out: a second time "r" alone is not one.
-        if cond is None or w == 1.0 or not condition_keys(cond) or not self._inside(t):
-            self.nfe += 1
-            return call_model(self.module, x, t, cond)
-        free = unconditional(cond)
-        if w == 0.0:
-            self.nfe += 1
-            return call_model(self.module, x, t, free)
-        both = {k: torch.cat([cond[k], free[k]]) for k in cond}
-        v_c, v_u = call_model(self.module, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        self.nfe += 2
-        return v_u + w * (v_c - v_u)
-
-    def _inside(self, t: Tensor) -> bool:
-        lo, hi = self.interval
-        if lo <= 0.0 and hi >= 1.0:
-            return True
-        now = float(t.reshape(-1)[0])  # one time for the whole batch during a solve
-        return lo - 1e-6 <= now <= hi + 1e-6  # a grid point on the edge (in float32) is inside
-
-
-# A model folder; those written before folders were marked are recognised by their config.
-MODEL_FOLDER = FolderKind(
-    "model",
-    "an fmkit model folder",
-    "fmkit export",
-    signature=(CONFIG, WEIGHTS),
-    allowed=(CONFIG, WEIGHTS),
-    recognise=json_file(CONFIG, format=FORMAT),
-)
-
-
-def is_model_folder(path: Path) -> bool:
-    """Whether `path` is a folder `save_pretrained` wrote (a run directory has a config.json
-    too, but it describes training, and no model.safetensors)."""
-    return (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
-
-
-def build_backbone(spec: ModelSpec, source: str | None = None) -> nn.Module:
-    """The backbone `spec` names, built for its data (image size, channels, conditions)."""
-    from fmkit.plugins import registry
-
-    backbones = registry("backbones")
-    if spec.backbone not in backbones and source is not None:
-        origin = spec.components.get("backbone", {})
-        dist = origin.get("distribution", "unknown")
-        raise FmkitError(
-            f"{source} needs backbone '{spec.backbone}', which is not installed; it came from the "
-            f"distribution {dist} {origin.get('version', '')}".rstrip()
-            + f": pip install {dist}"
-        )
-    conditional = spec.data.condition.kind != "none"
-    if conditional and not backbones.accepts(spec.backbone, "data"):
-        raise FmkitError(
-            f"backbone '{spec.backbone}' takes no conditions (its factory has no `data` "
-            f"parameter), but the data is conditioned on {spec.data.condition.kind}"
-        )
-    return backbones.build(
-        spec.backbone,
-        spec.backbone_opts,
-        image_size=spec.data.image_size,
-        channels=spec.data.channels,
-        data=spec.data,
-    )
-
-
-def build_objective(spec: ModelSpec) -> Objective:
-    from fmkit.plugins import registry
-
-    path = registry("paths").build(spec.path, spec.path_opts)
-    return registry("objectives").build(spec.objective, spec.objective_opts, path=path)
 
 
 def _load_weights(module: nn.Module, state: dict[str, Tensor], source: Path) -> None:

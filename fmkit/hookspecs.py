@@ -40,5 +40,15 @@ def register_conditions(register):
 
 
 @hookspec
+def register_metrics(register):
+    """Register sample-quality metrics: register(name, factory); factory() -> Metric."""
+
+
+@hookspec
+def register_exporters(register):
+    """Register export formats: register(name, factory); factory(**options) -> Exporter."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the fmkit click group `cli`."""

@@ -1,9 +1,46 @@
-"""Fréchet distance between feature distributions (the statistic behind FID)."""
+"""Sample-quality metrics, as a plugin kind (`register_metrics`: fid, kid and precision/recall
+are built in, fmkit_plugins.metrics), and the Fréchet distance between feature distributions
+(the statistic behind FID)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor
+
+# The features fmkit extracts for metrics: "inception", torch-fidelity's Inception-v3 pool3
+# (2048-d; fmkit.inception), of the samples and of the reference images (fmkit.reference).
+FEATURES = ("inception",)
+
+
+class Metric(ABC):
+    """A metric of generated images against real ones, computed from features of both.
+
+    Attributes:
+        features: the features it needs (one of FEATURES).
+        per_image: it needs the reference images' features, not just their mean and
+            covariance (a reference file holding statistics only cannot serve it).
+        columns: its result keys that a sweep's table shows, in order.
+    """
+
+    features: str = "inception"
+    per_image: bool = False
+    columns: tuple[str, ...] = ()
+
+    @abstractmethod
+    def compute(self, features: Tensor, reference) -> dict[str, float]:
+        """The metric's results (JSON numbers, added to the evaluation record).
+
+        Args:
+            features: (N, D) float64 features of the N generated images.
+            reference: the real images' fmkit.reference.Reference: `mu` (D,), `sigma` (D, D)
+                and, when `per_image`, `features` (M, D).
+        """
+
+    @abstractmethod
+    def line(self, results: dict) -> str:
+        """Its part of `fmkit eval`'s result line, e.g. "FID 12.3"."""
 
 
 def gaussian_stats(features: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fmkit.batch import Batch, Cond, call_model
 from fmkit.errors import FmkitError
+from fmkit.sampling import Sampling
 from fmkit.solver import Solution, Solver, Velocity, integrate
 
 # A backbone as objectives see it: model(x, t, cond) -> (B, C, H, W); cond may be None.
@@ -149,6 +150,11 @@ class Objective(ABC):
             batch: images (B, C, H, W) in [-1, 1] and their conditions.
             draws: this step's seeded random numbers (use them, not the global RNG).
         """
+
+    def sampling(self) -> Sampling:
+        """How a model trained with this objective samples unless asked otherwise (saved with
+        it): by default the flow-matching choice, `fmkit.sampling.Sampling()`."""
+        return Sampling()
 
     def velocity(self, model: Model, cond: Cond | None = None) -> Velocity:
         """The ODE right-hand side velocity(t, x) that sampling integrates: by default the

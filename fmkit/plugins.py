@@ -38,6 +38,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.folder",
     "fmkit_plugins.imagenet",
     "fmkit_plugins.prepared",
+    "fmkit_plugins.exporters",
+    "fmkit_plugins.export_diffusers",
+    "fmkit_plugins.metrics",
 )
 
 
@@ -59,6 +62,8 @@ KINDS: dict[str, Kind] = {
     "solvers": Kind("solver", ()),
     "objectives": Kind("objective", ("path",)),
     "conditions": Kind("condition kind", ()),
+    "exporters": Kind("exporter", ()),
+    "metrics": Kind("metric", ()),
 }
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from fmkit.conditions import condition_kind
 from fmkit.errors import FmkitError
 from fmkit.folders import Claim, FolderKind, claim, json_file, write_json
-from fmkit.generator import GUIDANCE, GUIDANCE_INTERVAL, Generator
+from fmkit.generator import Generator
 from fmkit.pixels import to_uint8
 from fmkit.prepared import META
 
@@ -62,7 +62,8 @@ def write_pairs(
     settings: dict,
     batch_size: int = 256,
     seed: int = 0,
-    guidance: float = GUIDANCE,
+    guidance: float | None = None,
+    interval: tuple[float, float] | None = None,
     progress: bool = True,
 ) -> Path:
     """Generate `num_pairs` noise-image pairs with `teacher` into `out`, resuming an
@@ -99,8 +100,10 @@ def write_pairs(
         "channels": spec.channels,
         "condition": condition.to_dict(),
     }
+    guidance = teacher.defaults.guidance if guidance is None else guidance
+    interval = teacher.defaults.guidance_interval if interval is None else interval
     if states is not None:  # guidance means something only for a conditional teacher
-        record.update(guidance=guidance, guidance_interval=list(GUIDANCE_INTERVAL))
+        record.update(guidance=guidance, guidance_interval=list(interval))
     folder, done = _start(out, record)
     if done is None:
         return out
@@ -131,9 +134,7 @@ def write_pairs(
             cond = None
             if labels is not None:
                 cond = {condition.kind: torch.from_numpy(labels[done:stop]).to(teacher.device)}
-            x = teacher.generate(
-                noise, solver, cond, guidance=guidance, interval=GUIDANCE_INTERVAL
-            ).x
+            x = teacher.generate(noise, solver, cond, guidance=guidance, interval=interval).x
             images[done:stop] = to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
             images.flush()  # the pixels are on disk before the count that covers them
             done = stop

@@ -28,10 +28,12 @@ def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> Non
         import matplotlib.pyplot as plt
     except ImportError:
         raise FmkitError("the sweep plot needs matplotlib: pip install 'fmkit[eval]'") from None
+    from fmkit.evaluate import metric
+
     folder = claim(out, SWEEP)
     folder.add("sweep.json", "sweep.md", "sweep.png")
     write_json(out / "sweep.json", records)
-    keys = [k for k in ("fid", "kid_mean", "precision", "recall") if k in records[0]]
+    keys = [key for name in metrics for key in metric(name).columns]  # each metric's columns
     lines = [
         "| solver | mean NFE | " + " | ".join(keys) + " | images/s |",
         "|" + " --- |" * (len(keys) + 3),
@@ -92,3 +94,41 @@ def bits_per_dim(
         "mean_nfe": sum(nfes) / len(nfes),
         "solver": type(solver).__name__,
     }
+
+
+def nll_report(
+    generator: Generator,
+    source: Path,
+    solver: Solver,
+    *,
+    dataset: str | None,
+    data_dir: str | None,
+    split: str,
+    options: dict,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    note=print,
+) -> dict:
+    """`fmkit eval nll`: bits/dim of `generator` over the images of a dataset (default: the
+    one `source` was trained on, with its options under `options`); `note` hears that a
+    dataset without splits is scored as it is. Returns the report, its split included."""
+    from fmkit.data import build_dataset
+    from fmkit.evaluate import training_data
+
+    trained_on = training_data(source)
+    if dataset is None and not trained_on:
+        raise FmkitError(f"{source} records no training data: pass --dataset and --data-dir")
+    merged = dict(trained_on.get("dataset_opts", {})) if dataset is None else {}
+    merged.update(options)
+    name = dataset or trained_on["dataset"]
+    data = build_dataset(
+        name, data_dir or trained_on["data_dir"], generator.data.image_size, split, merged
+    )
+    served = getattr(data, "split", split)
+    if served is None:
+        note(
+            f"note: dataset '{name}' has no splits; --split {split} is ignored and its images "
+            "are scored as they are"
+        )
+    return {**bits_per_dim(generator, data, solver, num_images, batch_size, seed), "split": served}

@@ -31,7 +31,6 @@ from fmkit.generator import Generator, ModelSpec, build_backbone
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
 from fmkit.plugins import plugin_info, registry
-from fmkit.solver import build_solver
 from fmkit.state import EMA, TrainState
 from fmkit.visualize import grid_conditions, visualize_samples
 
@@ -268,6 +267,8 @@ class Run:
             objective_opts=self.objective_opts,
             path=cfg.path,
             path_opts=cfg.path_opts,
+            sampling=self.objective.sampling(),
+            fmkit_version=fmkit_version,
             components={
                 "backbone": component_info("backbones", cfg.backbone),
                 "dataset": component_info("datasets", cfg.dataset),
@@ -516,7 +517,7 @@ class Run:
             return
         cfg = self.cfg
         ema = Generator(self.spec, self.state.ema.model)
-        solver = build_solver("euler", steps=cfg.sample_steps)
+        solver = ema.defaults.solver_for(steps=cfg.sample_steps).solver  # as the model samples
         ncol = int(math.sqrt(cfg.num_samples)) or 1
         cond = None
         if self.data.condition.kind != "none":  # one condition per row, captioned

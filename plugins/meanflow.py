@@ -15,6 +15,7 @@ from fmkit.batch import Batch, Cond
 from fmkit.flow import TIME_SAMPLING, base_is_uniform, time_from_base
 from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
 from fmkit.path import ProbabilityPath
+from fmkit.sampling import Sampling
 
 
 # Geng et al. 2025, "Mean Flows for One-step Generative Modeling". In fmkit's time convention
@@ -91,6 +92,10 @@ class MeanFlowObjective(Objective):
         return time_from_base(
             base, self.time_sampling, loc=self.time_loc, scale=self.time_scale, path=self.path
         )
+
+    def sampling(self) -> Sampling:
+        """One jump from noise to data (`fmkit sample --steps 2` or 4 jump more often)."""
+        return Sampling(solver="euler", steps=1, solver_opts={"schedule": "uniform"})
 
     def velocity(self, model: Model, cond: Cond | None = None):
         """The instantaneous velocity u(x, t, t), for adaptive solvers and likelihoods."""

@@ -9,9 +9,12 @@ import torch
 from conftest import TINY, one_line_error, write_image
 
 from fmkit import checkpoint
-from fmkit.evaluate import inception_features, load_inception, reference, score, to_uint8
+from fmkit.evaluate import score
+from fmkit.inception import inception_features, load_inception
 from fmkit.likelihood import log_likelihood
 from fmkit.metrics import feature_distance
+from fmkit.pixels import to_uint8
+from fmkit.reference import reference
 from fmkit.solver import build_solver
 
 
@@ -381,3 +384,55 @@ def test_eval_fid_of_a_conditional_model_conditions_it_as_the_field_does(
     plan = plan_conditions(generator, cond=None, sampling="uniform", guidance=None,
                            interval=None, data=None)  # fmt: skip
     assert abs((plan.draw(4000, seed=0)["class"] == red_index).float().mean().item() - 0.5) < 0.03
+
+
+class MeanShift:
+    """A test plugin's metric: the distance between the samples' and the reference's mean
+    features (no covariance), declared on Inception features."""
+
+    @staticmethod
+    def factory():
+        from fmkit.metrics import Metric
+
+        class Shift(Metric):
+            columns = ("mean_shift",)
+
+            def compute(self, features, reference):
+                return {"mean_shift": (features.mean(0) - reference.mu).norm().item()}
+
+            def line(self, results):
+                return f"mean shift {results['mean_shift']:.4g}"
+
+        return Shift()
+
+    from fmkit import hookimpl
+
+    @hookimpl
+    def register_metrics(self, register):
+        register("mean_shift", self.factory)
+
+
+def test_a_metric_plugin_works_through_eval_fid_and_sweep(weights, faces, tmp_path, run_cli,
+                                                          register_plugin):  # fmt: skip
+    """Metrics are an open plugin kind: `--metrics` reaches a plugin's, in the record, the
+    result line and the sweep table."""
+    register_plugin(MeanShift(), "mean-shift-plugin")
+    run = tmp_path / "run"
+    trained = run_cli("train", "--dataset", "folder", "--data-dir", faces, "--image-size", 16,
+                      "--batch-size", 4, "--max-steps", 1, "--num-samples", 2, "--output", run,
+                      *TINY)  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    common = ["--checkpoint", run, "--inception-weights", weights, "--cache-dir",
+              tmp_path / "cache", "--num-samples", 4, "--batch-size", 4, "--metrics",
+              "fid,mean_shift"]  # fmt: skip
+    result = run_cli("eval", "fid", *common, "--solver", "euler", "--steps", 2, "--json",
+                     tmp_path / "r.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["metrics"] == ["fid", "mean_shift"] and record["mean_shift"] > 0
+    assert "mean shift " in result.output
+    sweep = run_cli("eval", "sweep", *common, "--solvers", "euler:2", "--out", tmp_path / "sw")
+    assert sweep.exit_code == 0, sweep.output
+    assert "| solver | mean NFE | fid | mean_shift |" in (tmp_path / "sw" / "sweep.md").read_text()
+    line = one_line_error(run_cli("eval", "fid", *common[:-1], "fid,shift"))
+    assert "unknown metric 'shift'" in line and "mean_shift" in line

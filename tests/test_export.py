@@ -7,8 +7,9 @@ import torch
 from conftest import one_line_error, write_image
 
 from fmkit import Condition, FmkitError, Generator
-from fmkit.export import check_inputs, diffusers_labels
+from fmkit.export import check_inputs
 from fmkit.solver import solver_from_spec
+from fmkit_plugins.export_diffusers import diffusers_labels
 from fmkit_plugins.unet import UNet
 
 diffusers = pytest.importorskip("diffusers", reason="the export extra (diffusers) is not installed")
@@ -205,8 +206,9 @@ def test_the_sampling_loops_of_the_exported_readmes_run_as_written(
 
     pytest.importorskip("onnxruntime")
     out = tmp_path / fmt
+    batch = ["--batch-size", 2] if fmt == "onnx" else []  # an option of the onnx exporter
     assert run_cli("export", "--checkpoint", class_run, "--out", out, "--format", fmt,
-                   "--batch-size", 2).exit_code == 0  # fmt: skip
+                   *batch).exit_code == 0  # fmt: skip
     blocks = re.findall(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S)
     assert blocks
     monkeypatch.chdir(out)
@@ -215,3 +217,54 @@ def test_the_sampling_loops_of_the_exported_readmes_run_as_written(
         exec(code.replace("THIS_FOLDER", str(out)), scope)  # noqa: S102
         result = scope.get("images", scope.get("x"))
         assert np.isfinite(np.asarray(result)).all()
+
+
+class NpzExporter:
+    """A test plugin's exporter: the weights as one NumPy .npz file, checked by reading it back."""
+
+    @staticmethod
+    def factory(*, compressed: bool = False):
+        from fmkit.export import Exporter
+        from fmkit.folders import FolderKind
+
+        class Npz(Exporter):
+            folder = FolderKind("npz", "an npz export", "fmkit export --format npz")
+
+            def write(self, generator, staging):
+                state = {
+                    k: v.detach().cpu().numpy() for k, v in generator.module.state_dict().items()
+                }
+                (np.savez_compressed if compressed else np.savez)(staging / "weights.npz", **state)
+                loaded = np.load(staging / "weights.npz")
+                return max(float(np.abs(loaded[k] - v).max()) for k, v in state.items())
+
+        return Npz()
+
+    from fmkit import hookimpl
+
+    @hookimpl
+    def register_exporters(self, register):
+        register("npz", self.factory)
+
+
+def test_an_exporter_plugin_works_through_the_cli(run, run_cli, tmp_path, register_plugin):
+    """Exporters are an open plugin kind: `--format NAME` and `--export-opt` reach a plugin's."""
+    register_plugin(NpzExporter(), "npz-plugin")
+    result = run_cli("export", "--checkpoint", run, "--out", tmp_path / "n", "--format", "npz",
+                     "--export-opt", "compressed=true")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 files" in result.output and "matches fmkit's to 0.0e+00" in result.output
+    assert (tmp_path / "n" / "weights.npz").is_file()
+    # Its folder is its own: the fmkit exporter refuses it, and it refuses a model folder.
+    assert "holds an npz export" in one_line_error(
+        run_cli("export", "--checkpoint", run, "--out", tmp_path / "n")
+    )
+    line = one_line_error(run_cli("export", "--checkpoint", run, "--out", tmp_path / "x",
+                                  "--format", "npz", "--export-opt", "level=3"))  # fmt: skip
+    assert "unknown option 'level'" in line
+    line = one_line_error(run_cli("export", "--checkpoint", run, "--out", tmp_path / "y",
+                                  "--format", "tflite"))  # fmt: skip
+    assert "unknown exporter 'tflite'" in line and "diffusers, fmkit, npz, onnx" in line
+    assert "--fp16 is not an option of exporter 'npz'" in one_line_error(
+        run_cli("export", "--checkpoint", run, "--out", tmp_path / "z", "--format", "npz", "--fp16")
+    )

@@ -26,9 +26,10 @@ from PIL import Image
 
 from fmkit.config import TrainConfig
 from fmkit.data import build_dataset, make_loader
+from fmkit.device import resolve_device
 from fmkit.plugins import registry
 from fmkit.prepared import write_array
-from fmkit.train import resolve_device, train
+from fmkit.train import train
 
 UNET = {"base_channels": 32, "channel_mult": (1, 2, 2), "attn_resolutions": (8,), "dropout": 0.0}
 

@@ -10,6 +10,7 @@ import click
 
 from fmkit import config
 from fmkit.conditions import parse_conditions
+from fmkit.device import resolve_device
 from fmkit.evaluate import (
     COND_SAMPLING,
     check_record_file,
@@ -34,7 +35,6 @@ from fmkit.inception import WEIGHTS_ENV
 from fmkit.options import parse_options
 from fmkit.report import SWEEP, nll_report, write_sweep
 from fmkit.solver import build_solver, parse_solver_spec
-from fmkit.train import resolve_device
 
 
 @click.group("eval")

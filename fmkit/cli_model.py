@@ -10,6 +10,7 @@ import click
 
 from fmkit import checkpoint
 from fmkit.conditions import condition_kind, parse_conditions, read_condition_file
+from fmkit.device import resolve_device
 from fmkit.errors import FmkitError
 from fmkit.flags import (
     CHECKPOINT_HELP,
@@ -28,7 +29,6 @@ from fmkit.flags import (
 from fmkit.generator import Generator, is_model_folder
 from fmkit.options import parse_options
 from fmkit.sample import sample_to_dir
-from fmkit.train import resolve_device
 
 
 @click.command("sample")

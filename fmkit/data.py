@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from fmkit.batch import Collate, Condition, DataSpec, describe
 from fmkit.errors import FmkitError
@@ -135,3 +137,118 @@ def source_of(name: str, root: str, split: str | None, options: dict) -> dict:
         "split": split,
         "options": dict(sorted(options.items())),
     }
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of a shuffled order that depends only on (seed, epoch).
+
+    Global batch k is positions [k*B, (k+1)*B) of the epoch's permutation; rank r reads its
+    contiguous slice of B / world of it. So the data of a step does not depend on the number of
+    processes, every rank gets the same number of batches, and a run can start mid-epoch.
+
+    Args:
+        size: dataset length.
+        seed: run seed.
+        global_batch: B, images per optimizer step over all ranks.
+        rank, world_size: this process and the number of processes.
+    """
+
+    def __init__(self, size: int, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.global_batch = size, seed, global_batch
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches(self) -> int:
+        """Full global batches in an epoch."""
+        return self.size // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=gen)
+        local = self.global_batch // self.world_size
+        for k in range(self.start_batch, self.batches):
+            first = k * self.global_batch + self.rank * local
+            yield from order[first : first + local].tolist()
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * (self.global_batch // self.world_size)
+
+
+class TrainingData:
+    """The data of a training run: the dataset (read from its decoded cache), what it yields,
+    its order and this process's micro-batches.
+
+    Args:
+        cfg: the run's TrainConfig (dataset, options, condition, batch, seed, workers).
+        info: this process under torchrun (rank, world size, local rank).
+        device: where training runs (pinned memory and workers on a GPU).
+        micro_batch: images per forward/backward on this process.
+        progress: show the decoding progress (rank 0).
+    """
+
+    def __init__(self, cfg, info, device: torch.device, micro_batch: int, progress: bool) -> None:
+        dataset = build_dataset(
+            cfg.dataset, cfg.data_dir, cfg.image_size, cfg.split, cfg.dataset_opts, cfg.condition
+        )
+        self.spec = data_spec(dataset, cfg.image_size, cfg.channels, cfg.condition)
+        if cfg.cache_dataset:
+            options = {**cfg.dataset_opts, "condition": cfg.condition}
+            split = getattr(dataset, "split", cfg.split)
+            dataset = cached(
+                dataset,
+                source_of(cfg.dataset, cfg.data_dir, split, options),
+                writer=info.local_rank == 0,
+                progress=progress and info.is_main,
+                condition=cfg.condition,
+            )
+        self.iterable = isinstance(dataset, IterableDataset)
+        if not self.iterable and len(dataset) < cfg.batch_size:
+            raise FmkitError(
+                f"the dataset has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}"
+            )
+        self.dataset, self.info = dataset, info
+        self.sampler = None
+        if not self.iterable:
+            self.sampler = EpochSampler(
+                len(dataset), cfg.seed, cfg.batch_size, info.rank, info.world_size
+            )
+        workers = cfg.num_workers
+        if workers is None:
+            workers = default_workers(device, info.local_world_size)
+        self.loader = make_loader(
+            dataset,
+            micro_batch,
+            workers,
+            sampler=self.sampler,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed + info.rank),
+            condition=self.spec.condition,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Global batches in an epoch (None for shards, whose length is unknown)."""
+        return None if self.sampler is None else self.sampler.batches
+
+    def epoch(self, epoch: int, start_batch: int, grad_accum: int) -> Iterator[list]:
+        """The rest of `epoch` from global batch `start_batch`, as lists of `grad_accum`
+        micro-batches (fmkit.batch.Batch)."""
+        from fmkit import distributed
+
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start_batch)
+        elif hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        batches = iter(self.loader)
+        while True:
+            micro = list(itertools.islice(batches, grad_accum))
+            have = len(micro) == grad_accum
+            if self.iterable:  # shards may give ranks unequal counts: stop together
+                have = bool(distributed.all_min(int(have), self.info))
+            if not have:
+                return
+            yield micro

@@ -198,10 +198,11 @@ class Claim:
             os.close(fd)  # closing releases the lock
 
     def _reread(self) -> set[str]:
-        """What this claim recorded and what the mark on disk says now (another writer of
-        this kind may have added to it since the claim)."""
+        """What the mark on disk records now (under the lock: another writer of this kind may
+        have changed it since the claim), or what the claim found when there is none yet."""
         mark = read_mark(self.root)
-        self.recorded |= set(mark["files"]) if mark and mark["kind"] == self.kind.name else set()
+        if mark is not None and mark["kind"] == self.kind.name:  # the mark on disk is the truth
+            self.recorded = set(mark["files"])
         return set(self.recorded)
 
     def _write_mark(self, files: set[str]) -> None:

@@ -4,10 +4,11 @@ is described in fmkit.spec."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,3 +306,38 @@ def _load_weights(module: nn.Module, state: dict[str, Tensor], source: Path) -> 
         raise FmkitError(
             f"{source} holds weights of a different architecture than its spec describes"
         ) from None
+
+
+def init_from(
+    model: nn.Module, spec: ModelSpec, source: str | Path, needs: Sequence[str] = ()
+) -> None:
+    """Load the EMA weights of `source` (`fmkit train --init-from`) into `model`, built for
+    `spec`. The two may differ only in the boolean backbone options in `needs` (what the
+    objective needs switched on, `Objective.backbone_needs`: MeanFlow's second time): the
+    weights those add keep their own initialisation, which for the built-in UNet leaves the
+    teacher's velocity unchanged (its r-path starts at zero)."""
+    teacher = Generator.load(source)
+    needs = set(needs)
+    own = {k: v for k, v in spec.backbone_opts.items() if k not in needs}
+    theirs = {k: v for k, v in teacher.spec.backbone_opts.items() if k not in needs}
+    mismatch = ["backbone"] if teacher.spec.backbone != spec.backbone else []
+    if json.loads(json.dumps(own)) != json.loads(json.dumps(theirs)):  # tuples as lists
+        mismatch.append("backbone_opts")
+    if teacher.spec.data != spec.data:
+        mismatch.append("data (resolution, channels or conditions)")
+    if mismatch:
+        raise FmkitError(
+            f"--init-from {source}: its model differs from this run's in "
+            f"{', '.join(mismatch)}; it was {teacher.spec.backbone} {teacher.spec.backbone_opts} "
+            f"for {teacher.spec.data.to_dict()}"
+        )
+    missing, unexpected = model.load_state_dict(teacher.module.state_dict(), strict=False)
+    # Only weights that the needs add may be missing: those a model without them lacks.
+    plain_opts = {**own, **{k: v for k, v in teacher.spec.backbone_opts.items() if k in needs}}
+    plain = build_backbone(dataclasses.replace(spec, backbone_opts=plain_opts))
+    added = set(model.state_dict()) - set(plain.state_dict())
+    if unexpected or set(missing) - added:
+        raise FmkitError(
+            f"--init-from {source}: its weights do not fit this model "
+            f"({(list(unexpected) or sorted(set(missing) - added))[0]})"
+        )

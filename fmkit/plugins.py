@@ -144,6 +144,19 @@ def plugin_info(name: str) -> PluginInfo:
     return _info.get(name, PluginInfo(name, "unknown", "unknown"))
 
 
+def component_info(kind: str, name: str) -> dict:
+    """Which plugin, distribution and version provide the component `name` of `kind` (what
+    a model spec records of each of its components)."""
+    entry = registry(kind).get(name)
+    info = plugin_info(entry.plugin)
+    return {
+        "name": name,
+        "plugin": entry.plugin,
+        "distribution": info.distribution,
+        "version": info.version,
+    }
+
+
 def list_plugins() -> list[dict[str, object]]:
     """Every loaded plugin: name, version and the hooks it implements (built-ins first)."""
     manager = load_plugins()

@@ -4,12 +4,8 @@ actions, final save); the objective it optimises is a plugin it never looks insi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
-import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,88 +13,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from fmkit import __version__ as fmkit_version
 from fmkit import checkpoint, distributed
+from fmkit.augment import hflip
 from fmkit.batch import Batch
 from fmkit.config import TrainConfig, objective_options
-from fmkit.data import build_dataset, cached, data_spec, default_workers, make_loader, source_of
+from fmkit.data import TrainingData
+from fmkit.device import choose, resolve_device
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, json_file, write_json
-from fmkit.generator import Generator, ModelSpec, build_backbone
+from fmkit.generator import Generator, ModelSpec, build_backbone, init_from
+from fmkit.logs import RunLog
+from fmkit.nonfinite import NonFinite
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
-from fmkit.plugins import plugin_info, registry
+from fmkit.plugins import component_info, registry
 from fmkit.state import EMA, TrainState
 from fmkit.visualize import grid_conditions, visualize_samples
 
-__all__ = ["EMA", "EpochSampler", "resolve_device", "train"]
-
-
-class EpochSampler(Sampler[int]):
-    """This rank's share of a shuffled order that depends only on (seed, epoch).
-
-    Global batch k is positions [k*B, (k+1)*B) of the epoch's permutation; rank r reads its
-    contiguous slice of B / world of it. So the data of a step does not depend on the number of
-    processes, every rank gets the same number of batches, and a run can start mid-epoch.
-
-    Args:
-        size: dataset length.
-        seed: run seed.
-        global_batch: B, images per optimizer step over all ranks.
-        rank, world_size: this process and the number of processes.
-    """
-
-    def __init__(self, size: int, seed: int, global_batch: int, rank: int = 0, world_size: int = 1):
-        self.size, self.seed, self.global_batch = size, seed, global_batch
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start_batch = 0, 0
-
-    @property
-    def batches(self) -> int:
-        """Full global batches in an epoch."""
-        return self.size // self.global_batch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=gen)
-        local = self.global_batch // self.world_size
-        for k in range(self.start_batch, self.batches):
-            first = k * self.global_batch + self.rank * local
-            yield from order[first : first + local].tolist()
-
-    def __len__(self) -> int:
-        return (self.batches - self.start_batch) * (self.global_batch // self.world_size)
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto", "cpu" or "cuda" as a device. On CUDA this also turns on TF32 matmuls and
-    convolutions, fmkit's default for fp32 work on a GPU (training and sampling alike)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FmkitError("--device cuda was asked for, but torch sees no CUDA device")
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
-
-
-def component_info(kind: str, name: str) -> dict:
-    entry = registry(kind).get(name)
-    info = plugin_info(entry.plugin)
-    return {
-        "name": name,
-        "plugin": entry.plugin,
-        "distribution": info.distribution,
-        "version": info.version,
-    }
+__all__ = ["train"]
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -147,7 +82,10 @@ class Run:
             self.info, resolve_device(self.cfg.device), self.cfg.dist_timeout
         )
         torch.manual_seed(self.cfg.seed)
-        self.load_data()
+        self.training = TrainingData(
+            self.cfg, self.info, self.device, self.micro_batch, self.progress
+        )
+        self.data = self.training.spec
         self.build_model()
         if resume:
             self.resume()
@@ -211,54 +149,11 @@ class Run:
         )
         return objectives.build(cfg.objective, self.objective_opts, path=path)
 
-    def load_data(self) -> None:
-        cfg, info = self.cfg, self.info
-        dataset = build_dataset(
-            cfg.dataset, cfg.data_dir, cfg.image_size, cfg.split, cfg.dataset_opts, cfg.condition
-        )
-        self.data = data_spec(dataset, cfg.image_size, cfg.channels, cfg.condition)
-        if cfg.cache_dataset:
-            options = {**cfg.dataset_opts, "condition": cfg.condition}
-            source = source_of(
-                cfg.dataset, cfg.data_dir, getattr(dataset, "split", cfg.split), options
-            )
-            dataset = cached(
-                dataset,
-                source,
-                writer=info.local_rank == 0,
-                progress=self.progress and info.is_main,
-                condition=cfg.condition,
-            )
-        iterable = isinstance(dataset, IterableDataset)
-        if not iterable and len(dataset) < cfg.batch_size:
-            raise FmkitError(
-                f"the dataset has {len(dataset)} images, fewer than --batch-size {cfg.batch_size}"
-            )
-        self.dataset, self.iterable = dataset, iterable
-        self.sampler = None
-        if not iterable:
-            self.sampler = EpochSampler(
-                len(dataset), cfg.seed, cfg.batch_size, info.rank, info.world_size
-            )
-        workers = cfg.num_workers
-        if workers is None:
-            workers = default_workers(self.device, info.local_world_size)
-        self.loader = make_loader(
-            dataset,
-            self.micro_batch,
-            workers,
-            sampler=self.sampler,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed + info.rank),
-            condition=self.data.condition,
-        )
-
     def build_model(self) -> None:
         cfg, device, info = self.cfg, self.device, self.info
         cuda = device.type == "cuda"
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-        channels_last = cfg.channels_last if cfg.channels_last is not None else cuda
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        fast = choose(device, cfg.precision, cfg.channels_last, cfg.fused_adamw)
+        self.bf16, self.memory_format = fast.bf16, fast.memory_format
         self.spec = ModelSpec(
             backbone=cfg.backbone,
             backbone_opts=self.backbone_opts,
@@ -277,14 +172,11 @@ class Run:
             },
         )
         model = build_backbone(self.spec)
-        if cfg.init_from:
-            self.init_weights(model)
+        if cfg.init_from:  # a resumed run then replaces them with its own
+            init_from(model, self.spec, cfg.init_from, self.objective.backbone_needs)
         model = model.to(device, memory_format=self.memory_format)
-        # Fused AdamW (one kernel for all parameters) by default on CUDA; torch >= 2.4 also
-        # has it on the CPU, where --fused-adamw lets a test run what a GPU run runs.
-        fused = cfg.fused_adamw if cfg.fused_adamw is not None else cuda
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fast.fused_adamw
         )
         self.state = TrainState(model, EMA(model, cfg.ema_decay, cfg.ema_warmup), optimizer)
         self.parameters = list(model.parameters())
@@ -297,39 +189,6 @@ class Run:
         if cfg.compile:
             trained = torch.compile(trained)
         self.model = as_model(trained)
-
-    def init_weights(self, model: nn.Module) -> None:
-        """Load --init-from's EMA weights (a resumed run then replaces them with its own).
-
-        The model may differ from the teacher's only in what the objective needs switched on
-        (`Objective.backbone_needs`: MeanFlow's second time): those weights keep their own
-        initialisation, which for the built-in UNet leaves the teacher's velocity unchanged
-        (its r-path starts at zero)."""
-        teacher = Generator.load(self.cfg.init_from)
-        needs = set(self.objective.backbone_needs)
-        own = {k: v for k, v in self.spec.backbone_opts.items() if k not in needs}
-        theirs = {k: v for k, v in teacher.spec.backbone_opts.items() if k not in needs}
-        mismatch = ["backbone"] if teacher.spec.backbone != self.spec.backbone else []
-        if _plain(own) != _plain(theirs):
-            mismatch.append("backbone_opts")
-        if teacher.spec.data != self.spec.data:
-            mismatch.append("data (resolution, channels or conditions)")
-        if mismatch:
-            raise FmkitError(
-                f"--init-from {self.cfg.init_from}: its model differs from this run's in "
-                f"{', '.join(mismatch)}; it was {teacher.spec.backbone} {teacher.spec.backbone_opts} "
-                f"for {teacher.spec.data.to_dict()}"
-            )
-        missing, unexpected = model.load_state_dict(teacher.module.state_dict(), strict=False)
-        # Only weights that the needs add may be missing: those a model without them lacks.
-        plain = build_backbone(dataclasses.replace(self.spec, backbone_opts={**own, **{
-            k: v for k, v in teacher.spec.backbone_opts.items() if k in needs}}))  # fmt: skip
-        added = set(model.state_dict()) - set(plain.state_dict())
-        if unexpected or set(missing) - added:
-            raise FmkitError(
-                f"--init-from {self.cfg.init_from}: its weights do not fit this model "
-                f"({(list(unexpected) or sorted(set(missing) - added))[0]})"
-            )
 
     def resume(self) -> None:
         latest = checkpoint.find_latest(self.out)
@@ -347,10 +206,12 @@ class Run:
         cfg, state = self.cfg, self.state
         self.window = (time.perf_counter(), 0)  # start of the metrics window, images in it
         self.bad = NonFinite(self.device)
-        self.metrics = self.board = bar = None
+        self.logs = bar = None
         try:
             while not self.finished() and (cfg.max_steps is not None or state.epoch < cfg.epochs):
-                for micro in self.epoch_batches():
+                self.steps_this_epoch = 0
+                epoch = self.training.epoch(state.epoch, state.batch_in_epoch, cfg.grad_accum)
+                for micro in epoch:
                     result = self.step(micro)
                     if bar is None:
                         bar = self.open_outputs()
@@ -361,7 +222,7 @@ class Run:
                 else:
                     self.end_epoch()
         finally:
-            for closable in (self.metrics, self.board, bar):
+            for closable in (self.logs, bar):
                 if closable is not None:
                     closable.close()
 
@@ -371,14 +232,13 @@ class Run:
         or the objective could find leaves nothing behind. Returns the bar."""
         cfg, state = self.cfg, self.state
         total = cfg.max_steps
-        if total is None and self.sampler is not None:
-            total = self.sampler.batches * cfg.epochs
+        if total is None and self.training.steps_per_epoch is not None:
+            total = self.training.steps_per_epoch * cfg.epochs
         if self.info.is_main:
             if self.last_saved is None:  # a new run, or one that never saved: start it over
                 self.folder.retire()
             write_json(self.folder.path("config.json"), cfg.to_dict())
-            self.metrics = open(self.folder.path("metrics.jsonl"), "a")
-            self.board = _tensorboard(self.folder)
+            self.logs = RunLog(self.folder)
         return tqdm(
             total=total,
             initial=state.step - 1,
@@ -389,24 +249,6 @@ class Run:
 
     def finished(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
-
-    def epoch_batches(self) -> Iterator[list[Batch]]:
-        """The rest of the current epoch as lists of --grad-accum micro-batches."""
-        state, cfg = self.state, self.cfg
-        if self.sampler is not None:
-            self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
-        elif hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(state.epoch)
-        self.steps_this_epoch = 0
-        batches = iter(self.loader)
-        while True:
-            micro = list(itertools.islice(batches, cfg.grad_accum))
-            have = len(micro) == cfg.grad_accum
-            if self.iterable:  # shards may give ranks unequal counts: stop together
-                have = bool(distributed.all_min(int(have), self.info))
-            if not have:
-                return
-            yield micro
 
     def step(self, micro: list[Batch]) -> StepResult:
         """One optimizer step over this rank's micro-batches."""
@@ -501,12 +343,7 @@ class Run:
             "images_per_s": images / (time.perf_counter() - start),
             **{k: v.item() for k, v in logs.items()},
         }
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-        if self.board is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch"):
-                    self.board.add_scalar(f"train/{key}", value, self.state.step)
+        self.logs.write(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
         self.window = (time.perf_counter(), 0)
 
@@ -548,66 +385,8 @@ class Run:
             raise FmkitError(f"{exc}; the last checkpoint {kept}") from None
 
 
-class NonFinite:
-    """A non-finite loss or gradient norm, recorded on the device (the first bad step and its
-    value) and looked at only where the loop synchronises anyway (logs, grids, saves): a Python
-    `if` on a CUDA tensor every step would stall the CPU until the GPU caught up."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.first = torch.zeros((), dtype=torch.long, device=device)  # step number, 0: none
-        self.value = torch.zeros((), device=device)
-        self.is_loss = torch.zeros((), dtype=torch.bool, device=device)
-
-    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        loss_ok, norm_ok = torch.isfinite(loss), torch.isfinite(grad_norm)
-        new = (self.first == 0) & ~(loss_ok & norm_ok)
-        self.first.copy_(torch.where(new, step, self.first))
-        bad = torch.where(loss_ok, grad_norm, loss).float()
-        self.value.copy_(torch.where(new, bad, self.value))
-        self.is_loss.copy_(torch.where(new, ~loss_ok, self.is_loss))
-
-    def check(self, step: int, last_saved: Path | None, info: distributed.DistInfo) -> None:
-        """Raise on every rank alike once any rank saw a non-finite value (collective)."""
-        anywhere = distributed.maximum(self.first, info)
-        if (bad_step := int(anywhere.item())) == 0:
-            return
-        if int(self.first.item()) != bad_step:  # another rank saw it: no local value to show
-            raise FmkitError(f"another rank's loss became non-finite at step {bad_step}; stopped")
-        kept = (
-            f"the last good checkpoint is {last_saved}"
-            if last_saved
-            else "no checkpoint was written yet"
-        )
-        what = "loss" if self.is_loss.item() else "gradient norm"
-        raise FmkitError(
-            f"{what} became {self.value.item()} at step {bad_step}; stopped at step {step}, {kept}"
-        )
-
-
-def hflip(batch: Batch, draws: Draws) -> Batch:
-    """Mirror each image with probability 1/2, drawn per sample from the step's seed. Paired
-    noise is mirrored with its image: for a teacher trained with flips, the mirrored noise
-    leads to the mirrored image."""
-    flips = draws.uniform()[:, None, None, None] < 0.5  # (n, 1, 1, 1)
-    return batch.map(lambda v: torch.where(flips, v.flip(-1), v), lambda v: v)
-
-
-def _plain(value):
-    """`value` as JSON stores it (tuples become lists), for comparing recorded options."""
-    return json.loads(json.dumps(value))
-
-
 def due(every: int | None, count: int) -> bool:
     return every is not None and every > 0 and count % every == 0
-
-
-def _tensorboard(folder):
-    """A TensorBoard writer in the run folder when tensorboard is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder.path("tensorboard")))
 
 
 def _records_training(root: Path) -> bool:

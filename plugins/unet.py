@@ -148,14 +148,16 @@ def check_image_size(
 class UNet(nn.Module):
     """DDPM/ADM UNet predicting a velocity shaped like its input.
 
-    The defaults follow the seed project (64 base channels, 128-wide time embedding). With
-    base_channels=128, channel_mult=(1, 2, 2, 2) at 32x32 it is DDPM's 35.7M CIFAR-10 model;
-    with channel_mult=(1, 2, 2, 2, 4) at 64x64 it is DDIM's 78.7M CelebA model.
+    The defaults follow the seed project (64 base channels), with a time embedding as wide as
+    the first level, which diffusers' UNet2DModel requires (the seed's explicit
+    `time_emb_dim=128` still works, and exports to ONNX). With base_channels=128,
+    channel_mult=(1, 2, 2, 2) at 32x32 it is DDPM's 35.7M CIFAR-10 model; with
+    channel_mult=(1, 2, 2, 2, 4) at 64x64 it is DDIM's 78.7M CelebA model.
 
     Args:
         in_channels: image channels (also the output channels).
-        time_emb_dim: width of the sinusoidal time embedding; an MLP maps it to
-            4 * base_channels, which every residual block receives.
+        time_emb_dim: width of the sinusoidal time embedding (None: base_channels); an MLP
+            maps it to 4 * base_channels, which every residual block receives.
         base_channels: width of the first level.
         channel_mult: width multiplier of each level; each level after the first halves the
             feature map.
@@ -176,7 +178,7 @@ class UNet(nn.Module):
     def __init__(
         self,
         in_channels: int = 3,
-        time_emb_dim: int = 128,
+        time_emb_dim: int | None = None,
         base_channels: int = 64,
         channel_mult: tuple[int, ...] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
@@ -191,6 +193,7 @@ class UNet(nn.Module):
         super().__init__()
         if not channel_mult or min(channel_mult) < 1 or num_res_blocks < 1 or base_channels < 1:
             raise FmkitError("unet: channel_mult, num_res_blocks and base_channels must be >= 1")
+        time_emb_dim = base_channels if time_emb_dim is None else time_emb_dim
         if time_emb_dim < 2:
             raise FmkitError("unet: time_emb_dim must be at least 2")
         sizes = check_image_size(image_size, channel_mult, attn_resolutions)
@@ -324,7 +327,7 @@ def unet(
     attn_resolutions: tuple[int, ...] = (16,),
     dropout: float = 0.1,
     num_heads: int = 1,
-    time_emb_dim: int = 128,
+    time_emb_dim: int | None = None,
     scale_shift: bool = False,
     two_times: bool = False,
     data: DataSpec | None = None,
@@ -344,6 +347,10 @@ def unet(
         scale_shift=scale_shift,
         two_times=two_times,
     )
+
+
+# Models written by fmkit before 0.2.0 that left time_emb_dim out have a 128-wide one.
+unet.defaults_before = {"0.2.0": {"time_emb_dim": 128}}
 
 
 @hookimpl

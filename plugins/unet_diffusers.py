@@ -87,7 +87,9 @@ def _check(model: nn.Module, arch: dict, widths: list[int]) -> None:
             f"export: diffusers' UNet2DModel embeds time in base_channels = "
             f"{arch['base_channels']} dimensions, this model in time_emb_dim = "
             f"{arch['time_emb_dim']}; only models trained with time_emb_dim equal to "
-            f"base_channels map to it (use --format onnx for this one)"
+            f"base_channels map to it: train with --backbone-opt time_emb_dim="
+            f"{arch['base_channels']} (the default since fmkit 0.2.0), or export this one "
+            f"with --format onnx"
         )
     if arch["channel_mult"][0] != 1:
         raise FmkitError(

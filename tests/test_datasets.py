@@ -11,10 +11,10 @@ from conftest import one_line_error, write_image
 from PIL import Image
 
 from fmkit import FmkitError
+from fmkit.augment import hflip
 from fmkit.batch import Batch
 from fmkit.data import build_dataset, make_loader
 from fmkit.objective import Draws
-from fmkit.train import hflip
 
 
 def make_folder(root):

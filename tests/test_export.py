@@ -268,3 +268,53 @@ def test_an_exporter_plugin_works_through_the_cli(run, run_cli, tmp_path, regist
     assert "--fp16 is not an option of exporter 'npz'" in one_line_error(
         run_cli("export", "--checkpoint", run, "--out", tmp_path / "z", "--format", "npz", "--fp16")
     )
+
+
+def test_the_model_fmkit_train_makes_by_default_exports_to_diffusers(run_cli, tmp_path):
+    """The default UNet's time embedding is as wide as its first level (64), as diffusers'
+    UNet2DModel needs; before fmkit 0.2.0 it was 128 and the default model was refused."""
+    for i in range(4):
+        write_image(tmp_path / "faces" / f"{i}.png", size=(64, 64), color=(60 * i, 90, 200))
+    result = run_cli("train", "--dataset", "folder", "--data-dir", tmp_path / "faces",
+                     "--batch-size", 2, "--max-steps", 1, "--num-samples", 1, "--sample-steps",
+                     1, "--output", tmp_path / "run")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run_cli("export", "--checkpoint", tmp_path / "run", "--out", tmp_path / "d",
+                     "--format", "diffusers")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "matches fmkit's" in result.output
+
+
+def test_a_model_of_fmkit_0_1_keeps_its_128_wide_time_embedding(tmp_path):
+    """Models written before the default changed (fmkit < 0.2.0, time_emb_dim left out) still
+    load: the UNet declares the old default (`defaults_before`)."""
+    import json
+
+    from fmkit import DataSpec, checkpoint
+    from fmkit.generator import ModelSpec
+
+    old = UNet(in_channels=3, time_emb_dim=128, base_channels=8, channel_mult=(1, 2),
+               attn_resolutions=(8,), num_res_blocks=1, image_size=16)  # fmt: skip
+    spec = ModelSpec("unet", {"base_channels": 8, "channel_mult": [1, 2], "attn_resolutions": [8],
+                              "num_res_blocks": 1}, DataSpec(3, 16))  # fmt: skip
+    tensors = {f"{p}.{k}": v.clone() for p in ("model", "ema") for k, v in old.state_dict().items()}
+    meta = {"model": {k: v for k, v in spec.to_dict().items() if k not in ("sampling", "fmkit_version")},
+            "fmkit_version": "0.1.0", "step": 1}  # fmt: skip
+    checkpoint.save(tmp_path / "checkpoint_final.safetensors", tensors, meta)
+    loaded = Generator.load(tmp_path)
+    assert loaded.module.time_emb_dim == 128
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    torch.testing.assert_close(loaded.module(x, t), old.eval()(x, t))
+    # The same spec from today's fmkit means today's default, 8 wide: not these weights.
+    checkpoint.save(tmp_path / "new" / "checkpoint_final.safetensors", tensors,
+                    {**meta, "fmkit_version": "0.2.0"})  # fmt: skip
+    with pytest.raises(FmkitError, match="different architecture"):
+        Generator.load(tmp_path / "new")
+    # A model folder of fmkit 0.1.0: its config.json says which fmkit wrote it.
+    folder = tmp_path / "folder"
+    Generator(loaded.spec, loaded.module).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model"].pop("fmkit_version")
+    config["model"]["backbone_opts"].pop("time_emb_dim", None)
+    (folder / "config.json").write_text(json.dumps({**config, "fmkit_version": "0.1.0"}))
+    assert Generator.load(folder).module.time_emb_dim == 128

@@ -151,8 +151,8 @@ def test_the_reflow_loss_regresses_each_images_own_noise(teacher, tmp_path, run_
 
 def test_flips_mirror_the_paired_noise_with_its_image():
     from fmkit import Batch
+    from fmkit.augment import hflip
     from fmkit.objective import Draws
-    from fmkit.train import hflip
 
     images = torch.randn(64, 3, 4, 4)
     noise = images * 2  # any change that a flip of one and not the other would break

@@ -307,7 +307,7 @@ def test_a_new_run_never_overwrites_earlier_checkpoints(tmp_path, faces, run_cli
 
 
 def test_ema_warm_up():
-    from fmkit.train import EMA
+    from fmkit.state import EMA
 
     model = torch.nn.Linear(3, 3)
     ema = EMA(model, decay=0.999)
@@ -325,7 +325,7 @@ def test_ema_warm_up():
 
 
 def test_ema_warmup_option(tmp_path, faces, run_cli):
-    from fmkit.train import EMA
+    from fmkit.state import EMA
 
     ema = EMA(torch.nn.Linear(2, 2), decay=0.99, warmup=30)
     ema.updates = 60

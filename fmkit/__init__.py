@@ -14,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 from fmkit.batch import UNSPECIFIED, Batch, Condition, DataSpec
 from fmkit.conditions import ConditionKind
 from fmkit.errors import FmkitError
-from fmkit.flow import FlowMatching, sample_time
+from fmkit.flow import FlowMatching
 from fmkit.generator import Generator, ModelSpec
 from fmkit.hookspecs import hookimpl
 from fmkit.objective import Draws, Loss, Objective
@@ -27,8 +27,8 @@ from fmkit.visualize import visualize_samples
 
 
 def __getattr__(name: str):
-    # The seed's UNet and CelebA loader live in the built-in plugins; import them on first use
-    # so `import fmkit` does not build the plugin set.
+    # The seed's UNet and CelebA loader, and the training-time distributions, live in the
+    # built-in plugins; import them on first use so `import fmkit` does not build the plugins.
     if name == "UNet":
         from fmkit_plugins.unet import UNet
 
@@ -37,6 +37,10 @@ def __getattr__(name: str):
         from fmkit_plugins.celeba import load_celeba_data
 
         return load_celeba_data
+    if name == "sample_time":  # the distributions the built-in objectives share
+        from fmkit_plugins.times import sample_time
+
+        return sample_time
     raise AttributeError(f"module 'fmkit' has no attribute {name!r}")
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from fmkit.errors import FmkitError
-from fmkit.flow import TIME_SAMPLING
 from fmkit.options import conform
 
 SEED_MAX = 2**32 - 1  # the largest seed of every command (what every RNG fmkit uses takes)
@@ -102,9 +101,8 @@ class TrainConfig:
     )
     time_sampling: str | None = option(
         None,
-        "Training times: uniform, logit_normal (--time-loc/--time-scale) or edm [default: the "
-        "objective's own; flow matching: logit_normal].",
-        choices=TIME_SAMPLING,
+        "Training times of an objective that takes them: uniform, logit_normal (--time-loc/"
+        "--time-scale) or edm [default: the objective's own; flow matching: logit_normal].",
     )
     time_loc: float | None = option(
         None, "logit_normal location (0: centred on t = 0.5) [default: the objective's]."

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from fmkit.batch import Collate, Condition, DataSpec, describe
+from fmkit.batch import Condition, DataSpec, describe
+from fmkit.collate import Collate
 from fmkit.errors import FmkitError
 from fmkit.plugins import registry
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fmkit import checkpoint as checkpoint_module
-from fmkit.batch import cond_from_labels
+from fmkit.collate import cond_from_labels
 from fmkit.conditions import condition_kind
 from fmkit.data import build_dataset
 from fmkit.errors import FmkitError

@@ -1,4 +1,4 @@
-"""Flow matching: training times, and the seed's `FlowMatching` API on top of the objective."""
+"""The seed's `FlowMatching` API, on top of the `flow_matching` objective."""
 
 from __future__ import annotations
 
@@ -8,62 +8,6 @@ from torch import Tensor, nn
 from fmkit.objective import as_model
 from fmkit.path import ProbabilityPath
 from fmkit.solver import Solution, Solver, build_solver
-
-TIME_SAMPLING = ("uniform", "logit_normal", "edm")
-
-# Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative Models") draw
-# training noise levels as ln(sigma) ~ N(P_mean, P_std^2); the path maps a noise level to t.
-EDM_P_MEAN, EDM_P_STD = -1.2, 1.2
-
-
-def time_from_base(
-    base: Tensor,
-    method: str,
-    *,
-    loc: float = 0.0,
-    scale: float = 1.0,
-    path: ProbabilityPath | None = None,
-) -> Tensor:
-    """Training times in (0, 1) from base draws: uniform ones for "uniform", standard normal
-    ones otherwise (see `sample_time`)."""
-    if method == "uniform":
-        return base
-    if method == "logit_normal":
-        return torch.sigmoid(loc + scale * base)
-    if method == "edm":
-        if path is None:
-            raise ValueError("edm time sampling needs the probability path (noise level -> t)")
-        return path.t_from_noise_ratio(torch.exp(EDM_P_MEAN + EDM_P_STD * base))
-    raise ValueError(f"unknown time sampling {method!r}; available: {', '.join(TIME_SAMPLING)}")
-
-
-def base_is_uniform(method: str) -> bool:
-    return method == "uniform"
-
-
-def sample_time(
-    batch: int,
-    method: str = "uniform",
-    *,
-    loc: float = 0.0,
-    scale: float = 1.0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    path: ProbabilityPath | None = None,
-) -> Tensor:
-    """Training times t in (0, 1), shape (batch,).
-
-    Args:
-        method: "uniform"; "logit_normal" (Esser et al. 2024, "Scaling Rectified Flow
-            Transformers"): t = sigmoid(loc + scale * n), n ~ N(0, 1), which spends more of
-            the training signal on intermediate times; or "edm" (Karras et al. 2022): EDM's
-            log-normal noise levels mapped to t by `path` (on the linear path, skewed towards
-            the data end).
-        loc, scale: the logit-normal location and scale (not used by the others).
-    """
-    draw = torch.rand if base_is_uniform(method) else torch.randn
-    base = draw(batch, generator=generator, device=device)
-    return time_from_base(base, method, loc=loc, scale=scale, path=path)
 
 
 class FlowMatching:
@@ -77,7 +21,8 @@ class FlowMatching:
         model: backbone called as model(x, t), x (B, C, H, W), t (B,) -> (B, C, H, W).
         path: a ProbabilityPath, or the name of a registered path (default "linear").
         device: where to put the model; None keeps it where it is.
-        time_sampling: "uniform", "logit_normal" or "edm" training times (see `sample_time`).
+        time_sampling: "uniform", "logit_normal" or "edm" training times (see
+            `fmkit.sample_time`).
         logit_normal_loc, logit_normal_scale: parameters of the logit-normal time sampling.
     """
 
@@ -94,10 +39,6 @@ class FlowMatching:
 
         if isinstance(path, str):
             path = registry("paths").build(path)
-        if time_sampling not in TIME_SAMPLING:
-            raise ValueError(
-                f"unknown time sampling {time_sampling!r}; available: {', '.join(TIME_SAMPLING)}"
-            )
         self.model = model.to(device) if device is not None else model
         self.path = path
         options = {
@@ -129,7 +70,7 @@ class FlowMatching:
         if noise is None:
             noise = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         if t is None:
-            t = self.objective.times(x1.shape[0], generator, x1.device)
+            t = self.objective.times.sample(x1.shape[0], generator, x1.device)
         return self.objective.regress(as_model(self.model), noise, x1, t, None)
 
     def velocity(self, t: Tensor, x: Tensor) -> Tensor:

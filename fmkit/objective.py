@@ -109,6 +109,14 @@ class Draws:
         return full[self.rows]
 
 
+def check_dropout(cond_dropout: float, attribute_dropout: float) -> None:
+    """Condition dropout rates an objective takes: each in [0, 1) (ValueError otherwise; a
+    rate of 1 would never train the conditional model)."""
+    for name, rate in (("cond_dropout", cond_dropout), ("attribute_dropout", attribute_dropout)):
+        if not 0 <= rate < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+
 def drop_conditions(
     cond: Cond | None, draws: Draws, sample_rate: float, attribute_rate: float = 0.0
 ) -> Cond | None:

@@ -5,8 +5,8 @@ Layout of a prepared directory:
     images.npy   (N, H, W, 3) uint8, opened with numpy's mmap_mode="r"
     labels.npy   (N, ...) the labels, when the source dataset yielded them, as their condition
                  kind collates them (the built-in kinds: int64)
-    noise_seeds.npy  (N,) int64, in reflow's pair folders: image i was generated from the noise
-                 `fmkit.reflow.pair_noise` makes of seed i
+    noise_seeds.npy  (N,) int64, in reflow's pair folders (fmkit.reflow): image i was generated
+                 from the noise `pair_noise` makes of seed i
     meta.json    {"count", "image_size", "source": {...}, "condition": {...}} describing how
                  it was made and what its labels are
 """
@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fmkit.batch import Batch, Condition, DataSpec, collate, cond_from_labels, describe
+from fmkit.batch import Batch, Condition, DataSpec, describe
+from fmkit.collate import collate, cond_from_labels
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, json_file, write_json
 from fmkit.pixels import to_float, to_pixels
@@ -101,6 +102,15 @@ PREPARED = FolderKind(
     allowed=(META, "images.npy", "labels.npy"),
     recognise=json_file(META, ("count", "image_size")),
 )
+
+
+def pair_noise(seeds: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """(B, *shape) standard normal noise, row i drawn on the CPU from a generator seeded by
+    seeds[i]: the same on every machine and independent of how pairs are batched."""
+    rows = [
+        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds
+    ]
+    return torch.stack(rows)
 
 
 class _Pixels(torch.utils.data.Dataset):
@@ -220,8 +230,6 @@ class PreparedArray(torch.utils.data.Dataset):
         pixels[order] = self.images[np.asarray(indices)[order]]
         images: Tensor = to_float(pixels)  # (B, 3, S, S)
         if self.noise_seeds is not None:
-            from fmkit.reflow import pair_noise
-
             labels = None if self.labels is None else self.labels[indices]
             cond = None if labels is None else cond_from_labels(labels, self.condition)
             return Batch(images, cond, pair_noise(self.noise_seeds[indices], images.shape[1:]))

@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fmkit.batch import collate
+from fmkit.collate import collate
 from fmkit.data import build_dataset
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, write_atomic

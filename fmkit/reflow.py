@@ -31,7 +31,7 @@ from fmkit.errors import FmkitError
 from fmkit.folders import Claim, FolderKind, claim, json_file, write_json
 from fmkit.generator import Generator
 from fmkit.pixels import to_uint8
-from fmkit.prepared import META
+from fmkit.prepared import META, pair_noise
 
 PAIRS = "pairs.json"
 
@@ -43,15 +43,6 @@ def pair_seeds(seed: int, start: int, stop: int) -> Tensor:
         digest = hashlib.blake2b(f"fmkit-reflow:{seed}:{i}".encode(), digest_size=8).digest()
         seeds.append(int.from_bytes(digest, "little") >> 1)  # non-negative int64
     return torch.tensor(seeds, dtype=torch.int64)
-
-
-def pair_noise(seeds: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """(B, *shape) standard normal noise, row i drawn on the CPU from a generator seeded by
-    seeds[i]: the same on every machine and independent of how pairs are batched."""
-    rows = [
-        torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds
-    ]
-    return torch.stack(rows)
 
 
 def write_pairs(

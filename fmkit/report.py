@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fmkit.batch import collate
+from fmkit.collate import collate
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, write_json
 from fmkit.generator import Generator

@@ -12,10 +12,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fmkit import Solution, Solver, hookimpl
 from fmkit.batch import Batch, Cond
-from fmkit.flow import TIME_SAMPLING, base_is_uniform, time_from_base
-from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
+from fmkit.objective import Draws, Loss, Model, Objective, check_dropout, drop_conditions
 from fmkit.path import ProbabilityPath
 from fmkit.sampling import Sampling
+from fmkit_plugins.times import TIME_SAMPLING, TimeSampling
 
 
 # Geng et al. 2025, "Mean Flows for One-step Generative Modeling". In fmkit's time convention
@@ -30,8 +30,8 @@ class MeanFlowObjective(Objective):
 
     Args:
         path: the probability path.
-        time_sampling, time_loc, time_scale: the distribution of the two times (each drawn
-            from it, then ordered so that t <= r).
+        times: the distribution of the two times (each drawn from it, then ordered so that
+            t <= r).
         equal_fraction: the fraction of samples with r = t (plain flow matching), which
             anchors the instantaneous velocity (the paper's best: 0.75).
         adaptive_p: the loss weight 1 / (||error||^2 + 1e-3) ** p per sample (the paper's
@@ -44,23 +44,20 @@ class MeanFlowObjective(Objective):
     def __init__(
         self,
         path: ProbabilityPath,
-        time_sampling: str,
-        time_loc: float,
-        time_scale: float,
+        times: TimeSampling,
         equal_fraction: float,
         adaptive_p: float,
         cond_dropout: float,
         attribute_dropout: float,
     ) -> None:
-        self.path = path
-        self.time_sampling, self.time_loc, self.time_scale = time_sampling, time_loc, time_scale
+        self.path, self.times = path, times
         self.equal_fraction, self.adaptive_p = equal_fraction, adaptive_p
         self.cond_dropout, self.attribute_dropout = cond_dropout, attribute_dropout
 
     def loss(self, model: Model, batch: Batch, draws: Draws) -> Loss:
         x1 = batch.images  # (B, C, H, W)
         x0 = draws.normal(*x1.shape[1:]).to(x1.dtype)
-        a, b = self._time(draws), self._time(draws)
+        a, b = self.times.draw(draws), self.times.draw(draws)
         t, r = torch.minimum(a, b), torch.maximum(a, b)
         r = torch.where(draws.uniform() < self.equal_fraction, t, r)  # (B,)
         cond = drop_conditions(batch.cond, draws, self.cond_dropout, self.attribute_dropout)
@@ -86,12 +83,6 @@ class MeanFlowObjective(Objective):
         gap = (r - t).view(-1, *(1,) * (x1.dim() - 1)).to(v.dtype)
         wanted = (v + gap * dudt).detach()
         return ((u.float() - wanted.float()) ** 2).flatten(1).mean(1)
-
-    def _time(self, draws: Draws) -> Tensor:
-        base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()
-        return time_from_base(
-            base, self.time_sampling, loc=self.time_loc, scale=self.time_scale, path=self.path
-        )
 
     def sampling(self) -> Sampling:
         """One jump from noise to data (`fmkit sample --steps 2` or 4 jump more often)."""
@@ -159,11 +150,12 @@ def meanflow(
     """
     if not 0 <= equal_fraction <= 1:
         raise ValueError(f"equal_fraction must be in [0, 1], got {equal_fraction}")
-    if time_scale <= 0 or adaptive_p < 0:
-        raise ValueError("time_scale must be positive and adaptive_p non-negative")
+    if adaptive_p < 0:
+        raise ValueError(f"adaptive_p must be non-negative, got {adaptive_p}")
+    check_dropout(cond_dropout, attribute_dropout)
     return MeanFlowObjective(
-        path, time_sampling, time_loc, time_scale, equal_fraction, adaptive_p,
-        cond_dropout, attribute_dropout,
+        path, TimeSampling(time_sampling, time_loc, time_scale, path), equal_fraction,
+        adaptive_p, cond_dropout, attribute_dropout,
     )  # fmt: skip
 
 

@@ -10,10 +10,10 @@ from torch import Tensor
 from fmkit import hookimpl
 from fmkit.batch import Batch, Cond
 from fmkit.errors import FmkitError
-from fmkit.flow import TIME_SAMPLING, base_is_uniform, time_from_base
-from fmkit.objective import Draws, Loss, Model, Objective, drop_conditions
+from fmkit.objective import Draws, Loss, Model, Objective, check_dropout, drop_conditions
 from fmkit.path import ProbabilityPath
 from fmkit_plugins.coupling import COUPLINGS, SCOPES, couple
+from fmkit_plugins.times import TIME_SAMPLING, TimeSampling
 
 
 # Lipman et al. 2023, "Flow Matching for Generative Modeling": regress the conditional
@@ -23,9 +23,7 @@ class FlowMatchingObjective(Objective):
 
     Args:
         path: the probability path from noise (t = 0) to data (t = 1).
-        time_sampling: "uniform", "logit_normal" or "edm" (see `fmkit.sample_time`); edm's
-            noise levels are mapped to times by the path.
-        time_loc, time_scale: the logit-normal location and scale.
+        times: the distribution of training times (fmkit_plugins.times).
         cond_dropout: probability of training a sample without its condition (for
             classifier-free guidance; unconditional data has none to drop).
         attribute_dropout: with attributes, the probability of leaving out each one.
@@ -38,18 +36,14 @@ class FlowMatchingObjective(Objective):
     def __init__(
         self,
         path: ProbabilityPath,
-        time_sampling: str = "logit_normal",
-        time_loc: float = 0.0,
-        time_scale: float = 1.0,
+        times: TimeSampling,
         cond_dropout: float = 0.1,
         attribute_dropout: float = 0.5,
         coupling: str = "independent",
         coupling_scope: str = "global",
         coupling_reg: float = 0.05,
     ) -> None:
-        self.path = path
-        self.time_sampling = time_sampling
-        self.time_loc, self.time_scale = time_loc, time_scale
+        self.path, self.times = path, times
         self.cond_dropout, self.attribute_dropout = cond_dropout, attribute_dropout
         self.coupling, self.coupling_scope, self.coupling_reg = (
             coupling,
@@ -60,9 +54,9 @@ class FlowMatchingObjective(Objective):
     def loss(self, model: Model, batch: Batch, draws: Draws) -> Loss:
         x1 = batch.images  # (B, C, H, W)
         x0, logs = self.noise(x1, batch.cond, draws)
-        base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()
+        t = self.times.draw(draws)  # (B,)
         cond = drop_conditions(batch.cond, draws, self.cond_dropout, self.attribute_dropout)
-        return Loss(self.regress(model, x0, x1, self._times(base), cond), logs)
+        return Loss(self.regress(model, x0, x1, t, cond), logs)
 
     def noise(self, x1: Tensor, cond: Cond | None, draws: Draws) -> tuple[Tensor, dict]:
         """(B, C, H, W) noise for the images x1, coupled as `coupling` says, and the logs."""
@@ -85,16 +79,6 @@ class FlowMatchingObjective(Objective):
         predicted = model(target.x_t, target.t, cond)  # (B, C, H, W)
         return torch.mean((predicted.float() - target.velocity.float()) ** 2)
 
-    def times(self, batch: int, generator=None, device=None) -> Tensor:
-        """(batch,) training times drawn from `generator` (the seed API's FlowMatching.loss)."""
-        draw = torch.rand if base_is_uniform(self.time_sampling) else torch.randn
-        return self._times(draw(batch, generator=generator, device=device))
-
-    def _times(self, base: Tensor) -> Tensor:
-        return time_from_base(
-            base, self.time_sampling, loc=self.time_loc, scale=self.time_scale, path=self.path
-        )
-
 
 # Liu et al. 2023, "Flow Straight and Fast: Learning to Generate and Transfer Data with
 # Rectified Flow": flow matching on a teacher's fixed noise-image pairs straightens the flow.
@@ -109,9 +93,9 @@ class ReflowObjective(FlowMatchingObjective):
                 "written by `fmkit reflow`"
             )
         x1 = batch.images
-        base = draws.uniform() if base_is_uniform(self.time_sampling) else draws.normal()
+        t = self.times.draw(draws)  # (B,)
         cond = drop_conditions(batch.cond, draws, self.cond_dropout, self.attribute_dropout)
-        return Loss(self.regress(model, batch.noise.to(x1.dtype), x1, self._times(base), cond))
+        return Loss(self.regress(model, batch.noise.to(x1.dtype), x1, t, cond))
 
 
 def flow_matching(
@@ -136,14 +120,10 @@ def flow_matching(
     """
     if coupling_reg <= 0:
         raise ValueError(f"coupling_reg must be positive, got {coupling_reg}")
-    if time_scale <= 0:
-        raise ValueError(f"time_scale must be positive, got {time_scale}")
-    for name, rate in (("cond_dropout", cond_dropout), ("attribute_dropout", attribute_dropout)):
-        if not 0 <= rate < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    check_dropout(cond_dropout, attribute_dropout)
     return FlowMatchingObjective(
-        path, time_sampling, time_loc, time_scale, cond_dropout, attribute_dropout,
-        coupling, coupling_scope, coupling_reg,
+        path, TimeSampling(time_sampling, time_loc, time_scale, path), cond_dropout,
+        attribute_dropout, coupling, coupling_scope, coupling_reg,
     )  # fmt: skip
 
 

@@ -58,8 +58,8 @@ class FmkitGroup(click.Group):
 def cli() -> None:
     """fmkit: train flow-matching image generators and sample from them.
 
-    Backbones, datasets, probability paths, ODE solvers and training objectives are plugins,
-    chosen by name; `fmkit list` shows what is installed.
+    Backbones, datasets, probability paths, ODE solvers, training objectives, conditions,
+    exporters and metrics are plugins, chosen by name; `fmkit list` shows what is installed.
     """
 
 

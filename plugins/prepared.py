@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from fmkit import hookimpl
 from fmkit.prepared import PreparedArray
@@ -14,12 +13,13 @@ def prepared(
     root: str,
     image_size: int,
     split: str = "train",
-    condition: Literal["none", "class", "attributes"] = "none",
+    condition: str = "none",
 ) -> PreparedArray:
     """A cache written by `fmkit prepare` (memory-mapped uint8; the fastest loader).
 
     --data-dir is the directory given to `fmkit prepare --out`; the split was chosen then, and
-    asking for another one is an error. Labels recorded when it was prepared serve --condition.
+    asking for another one is an error. Labels recorded when it was prepared serve --condition
+    (of the kind they were prepared as).
     """
     return PreparedArray(Path(root), image_size, split, condition)
 

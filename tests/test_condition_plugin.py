@@ -203,3 +203,14 @@ def test_a_prepared_array_keeps_the_kinds_labels(plugin, tmp_path, run_cli):
 
     data = PreparedArray(tmp_path / "p", 8, condition="brightness")
     assert data.labels.dtype == torch.float32 and data.labels.shape == (24, 1)
+
+
+def test_a_prepared_array_of_the_kind_trains(plugin, tmp_path, run_cli):
+    """`--dataset prepared --condition KIND` reads any kind's labels back."""
+    assert run_cli("prepare", "bright", "--data-dir", "unused", "--image-size", 16,
+                   "--condition", "brightness", "--out", tmp_path / "p").exit_code == 0  # fmt: skip
+    result = run_cli("train", "--dataset", "prepared", "--data-dir", tmp_path / "p",
+                     "--image-size", 16, "--condition", "brightness", "--batch-size", 8,
+                     "--max-steps", 1, "--num-samples", 2, "--output", tmp_path / "r", *TINY)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Generator.load(tmp_path / "r").data.condition.kind == "brightness"

@@ -265,18 +265,18 @@ def test_reflow_refuses_to_extend_pairs_of_other_teacher_weights(work, tmp_path,
 
 def test_files_get_the_permissions_the_umask_gives(work, tmp_path):
     """Defect 11: under umask 002 an export's model.safetensors was 0600, its config 0664."""
-    script = (
-        "import os, sys; os.umask(0o002); sys.argv[0] = 'fmkit'; from fmkit.cli import main; main()"
-    )
-    for fmt in ("fmkit", "diffusers"):  # (every staged export gets the same treatment)
+    script = "import os, sys; os.umask(0o002); exec(os.environ['RUN_MANY'])"
+    formats = ("fmkit", "diffusers")  # (every staged export gets the same treatment)
+    commands = [["export", "--checkpoint", str(work.model), "--out", str(tmp_path / fmt),
+                 "--format", fmt] for fmt in formats]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "RUN_MANY": RUN_MANY})  # fmt: skip
+    assert all(code == 0 for code, *_ in json.loads(proc.stdout.splitlines()[-1])), proc.stdout
+    for fmt in formats:
         out = tmp_path / fmt
-        args = ["export", "--checkpoint", work.model, "--out", out, "--format", fmt]
-        proc = subprocess.run([sys.executable, "-c", script, *map(str, args)],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
         modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")
                  if p.is_file()}  # fmt: skip
-        assert modes and set(modes.values()) == {0o664}, modes
+        assert modes and set(modes.values()) == {0o664}, (fmt, modes)
 
 
 def test_class_names_win_over_indices(tmp_path, run_cli):
@@ -318,28 +318,55 @@ def _unshare() -> list[str]:
     pytest.skip("needs `unshare` to mount a read-only or tiny filesystem for the test")
 
 
-def in_namespace(script: str, mount: Path) -> subprocess.CompletedProcess:
-    """Run shell `script` where `mount` is a fresh tmpfs ($SIZE, or ro with $RO=1)."""
+# The commands of a namespace test run in one Python process (importing torch once), through
+# the same click group as the console script; each command's exit code and output come back.
+RUN_MANY = """
+import json, sys
+from click.testing import CliRunner
+from fmkit.cli import cli
+results = []
+for args in json.loads(sys.argv[1]):
+    result = CliRunner().invoke(cli, args)
+    results.append([result.exit_code, result.output, repr(result.exception)])
+print(json.dumps(results))
+"""
+
+
+def run_many(commands: list[list], mount: Path, size: str, after: str = "") -> tuple[list, str]:
+    """Run CLI `commands` where `mount` is a fresh tmpfs of `size` ("64k", "1m,ro", ...); then
+    the shell commands `after` (inside the namespace, before the mount goes). Returns each
+    command's [exit code, output, exception] and what `after` printed."""
+    batch = json.dumps([[str(a) for a in args] for args in commands])
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {mount} && $PYTHON -c \"$RUN_MANY\" '{batch}' "
+        f"&& echo ===after=== && {after or 'true'}"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FMKIT_") or k == "FMKIT_CACHE"}
-    env["PYTHON"] = sys.executable
-    return subprocess.run([*_unshare(), "sh", "-c", script], capture_output=True, text=True,
+    env.update(PYTHON=sys.executable, RUN_MANY=RUN_MANY)
+    proc = subprocess.run([*_unshare(), "sh", "-c", script], capture_output=True, text=True,
                           env=env, timeout=600, cwd=mount.parent)  # fmt: skip
+    assert "===after===" in proc.stdout, proc.stdout + proc.stderr
+    results, after_output = proc.stdout.split("===after===")
+    return json.loads(results.strip().splitlines()[-1]), after_output
 
 
-@pytest.mark.parametrize("writer", ["train", "sample", "reflow", "export", "export-diffusers"])
-def test_a_read_only_output_is_one_line_naming_the_path(writer, work, tmp_path):
+def error_line(result: list) -> str:
+    """The one error line of a [exit code, output, exception] that must be a one-line error."""
+    code, output, exception = result
+    assert code == 1 and "Traceback" not in output, (output, exception)
+    lines = [x for x in output.splitlines() if x.strip() and "%|" not in x]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), output
+    return lines[0]
+
+
+def test_a_read_only_output_is_one_line_naming_the_path(work, tmp_path):
     mount = tmp_path / "ro"
     mount.mkdir()
-    out = mount / "out"
-    args = " ".join(f"'{a}'" for a in work.args(writer, out))
-    proc = in_namespace(
-        f"mount -t tmpfs -o size=1m,ro tmpfs {mount} && $PYTHON -m fmkit {args}", mount
-    )
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith("Error: ") and "Read-only file system" in lines[0]
-    assert str(mount) in lines[0]
+    writers = ["train", "sample", "reflow", "export", "export-diffusers"]
+    results, _ = run_many([work.args(w, mount / w) for w in writers], mount, "1m,ro")
+    for writer, result in zip(writers, results, strict=True):
+        line = error_line(result)
+        assert "Read-only file system" in line and str(mount) in line, (writer, line)
 
 
 def test_a_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(work, tmp_path):
@@ -347,40 +374,29 @@ def test_a_full_disk_stops_training_with_one_line_and_keeps_the_last_checkpoint(
     mount.mkdir()
     run = mount / "run"
     size = (work.model / "checkpoint_final.safetensors").stat().st_size
-    args = " ".join(f"'{a}'" for a in train_args(work.faces, run, "--max-steps", 4,
-                                                  "--save-every-steps", 1, *EXPORTABLE))  # fmt: skip
+    args = train_args(work.faces, run, "--max-steps", 4, "--save-every-steps", 1, *EXPORTABLE)
     check = (
         "import sys; from fmkit import checkpoint; "
         "print('kept', checkpoint.load(sys.argv[1])[1]['step'])"
     )
-    proc = in_namespace(
-        f"mount -t tmpfs -o size={int(size * 1.6)} tmpfs {mount} && "
-        f"$PYTHON -m fmkit {args}; echo rc=$?; "
-        f'$PYTHON -c "{check}" {run}/checkpoint_step_1.safetensors',
-        mount,
-    )
-    out = proc.stdout + proc.stderr
-    assert "rc=1" in proc.stdout and "kept 1" in proc.stdout, out
-    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, out
-    assert "No space left on device" in lines[0] and "checkpoint_step_2" in lines[0]
-    assert "checkpoint_step_1.safetensors is intact" in lines[0]
+    (result,), after = run_many([args], mount, str(int(size * 1.6)),
+                                f'$PYTHON -c "{check}" {run}/checkpoint_step_1.safetensors')  # fmt: skip
+    line = error_line(result)
+    assert "No space left on device" in line and "checkpoint_step_2" in line
+    assert "checkpoint_step_1.safetensors is intact" in line
+    assert "kept 1" in after
 
 
-@pytest.mark.parametrize("fmt", ["fmkit", "diffusers", "onnx"])
-def test_an_export_on_a_full_disk_is_one_line_and_leaves_nothing(fmt, work, tmp_path):
+def test_an_export_on_a_full_disk_is_one_line_and_leaves_nothing(work, tmp_path):
     mount = tmp_path / "full"
     mount.mkdir()
-    out = mount / "export"
-    proc = in_namespace(
-        f"mount -t tmpfs -o size=64k tmpfs {mount} && $PYTHON -m fmkit export --checkpoint "
-        f"'{work.model}' --out '{out}' --format {fmt}; echo rc=$?; ls -A {mount}",
-        mount,
-    )
-    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
-    assert "rc=1" in proc.stdout and len(lines) == 1, proc.stdout + proc.stderr
-    assert "No space left on device" in lines[0] and "Traceback" not in proc.stderr
-    assert proc.stdout.strip().endswith("rc=1"), proc.stdout  # the mount is empty again
+    formats = ["fmkit", "diffusers", "onnx"]
+    commands = [["export", "--checkpoint", work.model, "--out", mount / fmt, "--format", fmt]
+                for fmt in formats]  # fmt: skip
+    results, after = run_many(commands, mount, "64k", f"ls -A {mount}")
+    for fmt, result in zip(formats, results, strict=True):
+        assert "No space left on device" in error_line(result), fmt
+    assert after.strip() == "", after  # every failed export took its folder away again
 
 
 def test_the_console_script_turns_a_usage_error_into_one_line(tmp_path):

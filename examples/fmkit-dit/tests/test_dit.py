@@ -156,22 +156,24 @@ def test_two_times_trains_meanflow_and_samples_in_one_step(tmp_path):
     small = ["--backbone-opt", "preset=DiT-S/4", "--backbone-opt", "depth=2",
              "--backbone-opt", "width=64", "--backbone-opt", "heads=4"]  # fmt: skip
     trained = fmkit(
-        "train", "--backbone", "dit", *small, "--backbone-opt", "two_times=true",
-        "--objective", "meanflow", "--dataset", "folder", "--data-dir", tmp_path,
-        "--image-size", 16, "--batch-size", 4, "--max-steps", 2, "--num-samples", 2,
+        "train", "--backbone", "dit", *small, "--objective", "meanflow",
+        "--dataset", "folder", "--data-dir", tmp_path, "--image-size", 16, "--batch-size", 4,
+        "--max-steps", 2, "--num-samples", 2,
         "--sample-steps", 1, "--output", run,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
     sampled = fmkit("sample", "--checkpoint", run, "--steps", 1, "--num-samples", 2,
                     "--output", tmp_path / "s")  # fmt: skip
     assert sampled.returncode == 0 and "mean NFE 1.0" in sampled.stdout, sampled.stderr
-    # Without two_times, the second time is refused in one line.
+    # MeanFlow switches the second time on by itself; switching it off is refused in one line,
+    # before the run folder exists.
     refused = fmkit(
-        "train", "--backbone", "dit", *small, "--objective", "meanflow", "--dataset", "folder",
-        "--data-dir", tmp_path, "--image-size", 16, "--batch-size", 4, "--max-steps", 1,
-        "--output", tmp_path / "x",
+        "train", "--backbone", "dit", *small, "--backbone-opt", "two_times=false",
+        "--objective", "meanflow", "--dataset", "folder", "--data-dir", tmp_path,
+        "--image-size", 16, "--batch-size", 4, "--max-steps", 1, "--output", tmp_path / "x",
     )  # fmt: skip
     assert refused.returncode == 1 and "two_times=true" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_second_time_reaches_the_output():

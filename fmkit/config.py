@@ -5,8 +5,9 @@ checkpoints (as a dict, rebuilt with `TrainConfig.from_dict`)."""
 from __future__ import annotations
 
 import math
+import os
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ def option(
     choices: tuple[str, ...] | None = None,
     zero_is_none: bool = False,
     metavar: str | None = None,
+    resumable: bool = False,
 ) -> Any:
     """A TrainConfig field with what its flag needs.
 
@@ -34,6 +36,8 @@ def option(
         min, min_open, max: the accepted range of a number.
         choices: the accepted strings.
         zero_is_none: the flag takes 0 to mean None ("off").
+        resumable: `--resume` may change it (limits, intervals, logging, workers, where things
+            are): it changes nothing the run has learned from or would draw differently.
     """
     metadata = {
         "help": help,
@@ -43,10 +47,18 @@ def option(
         "choices": choices,
         "zero_is_none": zero_is_none,
         "metavar": metavar,
+        "resumable": resumable,
     }
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+SCHEDULES = ("constant", "cosine", "linear")  # fmkit.train.learning_rate
+
+# What a run recorded before a key existed ran as this value (not today's default, which may
+# differ): a resumed old run keeps training as it did.
+BEFORE_KEY = {"lr_schedule": "constant", "logger": "auto"}
 
 
 @dataclass
@@ -76,7 +88,9 @@ class TrainConfig:
         "Train on the dataset's conditions of this kind (fmkit list conditions), or none "
         "(ignore them).",
     )
-    data_dir: str = option("./data", "Dataset root (celeba downloads into DATA_DIR/celeba).")
+    data_dir: str = option(
+        "./data", "Dataset root (celeba downloads into DATA_DIR/celeba).", resumable=True
+    )
     split: str = option("train", "Dataset split to train on (e.g. celeba: train, valid, all).")
     image_size: int = option(64, "Training resolution (square).", min=1)
     channels: int = option(3, "Image channels, for datasets that do not describe theirs.", min=1)
@@ -85,13 +99,20 @@ class TrainConfig:
         32, "Global batch: split over torchrun processes and --grad-accum micro-batches.", min=1
     )
     grad_accum: int = option(1, "Micro-batches per optimizer step (per process).", min=1)
-    epochs: int = option(50, "Passes over the data (ignored when --max-steps is set).", min=1)
+    epochs: int = option(
+        50, "Passes over the data (ignored when --max-steps is set).", min=1, resumable=True
+    )
     max_steps: int | None = option(
-        None, "Stop after N optimizer steps (overrides --epochs).", min=1
+        None, "Stop after N optimizer steps (overrides --epochs).", min=1, resumable=True
     )
     lr: float = option(3e-4, "AdamW learning rate after warm-up.", min=0, min_open=True)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
     warmup_steps: int = option(0, "Linear learning-rate warm-up from 0 (0: none).", min=0)
+    lr_schedule: str = option(
+        "constant",
+        "Learning rate after warm-up: constant, or cosine / linear decay to 0 at the last step.",
+        choices=SCHEDULES,
+    )
     grad_clip: float | None = option(
         1.0, "Max global gradient norm (0: off).", min=0, zero_is_none=True
     )
@@ -116,39 +137,59 @@ class TrainConfig:
         "over the global batch) or sinkhorn [default: the objective's; independent].",
     )
     save_every: int | None = option(
-        10, "Checkpoint every N epochs (0: off).", min=0, zero_is_none=True
+        10, "Checkpoint every N epochs (0: off).", min=0, zero_is_none=True, resumable=True
     )
     sample_every: int | None = option(
-        5, "Sample grid every N epochs (0: off).", min=0, zero_is_none=True
+        5, "Sample grid every N epochs (0: off).", min=0, zero_is_none=True, resumable=True
     )
-    save_every_steps: int | None = option(None, "Checkpoint every N steps.", min=1)
-    sample_every_steps: int | None = option(None, "Sample grid every N steps.", min=1)
-    num_samples: int = option(64, "Images per grid.", min=1)
+    save_every_steps: int | None = option(
+        None, "Checkpoint every N steps.", min=1, resumable=True
+    )
+    sample_every_steps: int | None = option(
+        None, "Sample grid every N steps.", min=1, resumable=True
+    )
+    num_samples: int = option(64, "Images per grid.", min=1, resumable=True)
     sample_steps: int | None = option(
-        None, "Steps of the grids' sampler [default: the model's, e.g. ab2 with 20].", min=1
+        None,
+        "Steps of the grids' sampler [default: the model's, e.g. ab2 with 20].",
+        min=1,
+        resumable=True,
     )
-    log_every: int = option(50, "Steps per metrics.jsonl line.", min=1)
-    output: str = option("results", "Run directory.")
+    log_every: int = option(50, "Steps per metrics.jsonl line.", min=1, resumable=True)
+    logger: str = option(
+        "auto",
+        "Where metrics go besides metrics.jsonl: tensorboard, wandb (Weights & Biases; "
+        "WANDB_MODE=offline writes local files), none, or auto (tensorboard when installed).",
+        choices=("auto", "tensorboard", "wandb", "none"),
+        resumable=True,
+    )
+    output: str = option("results", "Run directory.", resumable=True)
     seed: int = option(
         0, "Seeds data order, noise, times, flips and initialisation.", min=0, max=SEED_MAX
     )
     device: str = option("auto", "Device.", choices=("auto", "cpu", "cuda"))
     num_workers: int | None = option(
-        None, "DataLoader workers [default: 0 on the CPU, up to 8 per GPU].", min=0
-    )
+        None, "DataLoader workers [default: 0 on the CPU, up to 8 per GPU].", min=0,
+        resumable=True,
+    )  # fmt: skip
     cache_dataset: bool = option(
-        True, "Decode image files once into a prepared array in $FMKIT_CACHE (~/.cache/fmkit)."
+        True,
+        "Decode image files once into a prepared array in $FMKIT_CACHE (~/.cache/fmkit).",
+        resumable=True,
     )
     precision: str = option(
         "auto",
         "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16.",
         choices=("auto", "fp32", "bf16"),
     )
-    compile: bool = option(False, "torch.compile the backbone for training.")
+    compile: bool = option(False, "torch.compile the backbone for training.", resumable=True)
     channels_last: bool | None = option(None, "NHWC memory format [default: on CUDA only].")
     fused_adamw: bool | None = option(None, "One-kernel AdamW [default: on CUDA only].")
     dist_timeout: float = option(
-        600.0, "Seconds a rank waits for the others under torchrun before failing.", min=1
+        600.0,
+        "Seconds a rank waits for the others under torchrun before failing.",
+        min=1,
+        resumable=True,
     )
 
     @classmethod
@@ -159,8 +200,31 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def from_record(cls, data: dict) -> TrainConfig:
+        """A config a run recorded (config.json, a checkpoint's metadata): keys it predates
+        take the value it ran with (BEFORE_KEY), not today's default."""
+        return cls.from_dict({**BEFORE_KEY, **data})
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """The same config with --data-dir, --output and a local --init-from made absolute, as
+        a run records them: its commands then work from any working directory."""
+        init_from = self.init_from
+        if init_from and Path(init_from).expanduser().exists():
+            init_from = _absolute(init_from)
+        return replace(
+            self,
+            data_dir=_absolute(self.data_dir),
+            output=_absolute(self.output),
+            init_from=init_from,
+        )
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 # Options of the flow-matching objective that also have train flags of their own (from before
@@ -318,6 +382,79 @@ def resolve(flags: dict[str, Any], given: set[str], toml: Path | None = None) ->
     for name, value in flags.items():
         values.setdefault(name, value)
     return TrainConfig.from_dict(values)
+
+
+def resume(flags: dict[str, Any], given: set[str], toml: Path | None = None) -> TrainConfig:
+    """The config of `fmkit train --output RUN --resume`: the run's own record (config.json, or
+    its newest checkpoint's), with what the flags and the TOML file set that may safely change
+    (the fields marked `resumable`). Setting any other key to another value is an error naming
+    the key and both values. Without a record, `resolve`'s config (training then says there is
+    nothing to resume)."""
+    output = flags.get("output") or default_of(_FIELDS["output"])
+    record = run_record(Path(output))
+    if record is None:
+        return resolve(flags, given, toml)
+    asked = normalise(read_toml(toml) if toml else {})
+    for name, value in normalise({n: v for n, v in flags.items() if n in given}).items():
+        asked[name] = {**asked.get(name, {}), **value} if name.endswith("_opts") else value
+    values = {**BEFORE_KEY, **normalise(record)}
+    for name, value in asked.items():
+        old = values.get(name)
+        if name.endswith("_opts"):
+            for key, new in value.items():
+                if key not in old or not _same(old[key], new):
+                    flag = f"--{name[: -len('_opts')].replace('_', '-')}-opt"
+                    was = f"{old[key]!r}" if key in old else "unset"
+                    raise FmkitError(_changed(f"{flag} {key}", new, was, output))
+            continue
+        if _FIELDS[name].metadata.get("resumable"):
+            values[name] = value
+        elif not _same(old, value):
+            raise FmkitError(_changed(f"--{name.replace('_', '-')}", value, repr(old), output))
+    return TrainConfig.from_dict(values)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as recorded: JSON turned tuples into lists and may hold 3e-4 as 0.0003."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b) and not isinstance(b, bool)
+    return a == b or str(a) == str(b)
+
+
+def _changed(flag: str, new: Any, old: str, output: str) -> str:
+    resumable = ", ".join(
+        f"--{f.name.replace('_', '-')}" for f in fields(TrainConfig) if f.metadata["resumable"]
+    )
+    return (
+        f"--resume: {flag} {new!r} differs from the run's {old} ({output}); a resumed run keeps "
+        f"its settings (only {resumable} may change): drop the flag, or train a new run with "
+        "another --output"
+    )
+
+
+def run_record(root: Path) -> dict | None:
+    """What run folder `root` recorded of its config: config.json, or (a run whose config.json
+    is lost or unreadable) its newest checkpoint's; None when it has neither."""
+    import json
+
+    from fmkit import checkpoint
+
+    try:
+        record = json.loads((root / "config.json").read_text())
+        if isinstance(record, dict) and "backbone" in record:
+            return record
+    except (OSError, ValueError):
+        pass
+    try:
+        latest = checkpoint.find_latest(root)
+    except FmkitError:
+        return None  # unreadable checkpoints: training's resume names each
+    if latest is None:
+        return None
+    config = checkpoint.read_metadata(latest).get("config")
+    return config if isinstance(config, dict) else None
 
 
 def _is_prepared(data_dir: str | None) -> bool:

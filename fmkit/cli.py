@@ -17,6 +17,7 @@ from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
 from fmkit.flags import given, opt_flag, train_flags
 from fmkit.folders import claim, inside
+from fmkit.interrupt import Interrupted
 from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import PREPARED, write_array
@@ -41,6 +42,9 @@ class FmkitGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except Interrupted as exc:  # saved: say how to go on, exit 128 + the signal
+            click.echo(str(exc), err=True)
+            ctx.exit(exc.exit_code)
         except FmkitError as exc:
             raise click.ClickException(str(exc)) from None
         except _NO_ARGS_HELP:
@@ -139,7 +143,12 @@ def show_command(
     help="TOML file with the same keys as the flags; flags override it.",
 )
 @train_flags
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --output.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --output from its newest checkpoint, with the run's own "
+    "settings; flags may change only limits, intervals, logging, workers and paths.",
+)
 @click.pass_context
 def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **flags) -> None:
     """Train a flow-matching model; writes checkpoints, sample grids and metrics to --output.
@@ -148,7 +157,8 @@ def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **
     """
     for name in [n for n in flags if n.endswith("_opts")]:
         flags[name] = parse_options(flags[name], f"--{name[: -len('_opts')]}-opt")
-    final = train(config.resolve(flags, given(ctx), config_file), resume=resume, progress=True)
+    settle = config.resume if resume else config.resolve  # a resumed run keeps its settings
+    final = train(settle(flags, given(ctx), config_file), resume=resume, progress=True)
     if from_environment().is_main:
         click.echo(f"final checkpoint: {final}")
 

@@ -34,6 +34,7 @@ from fmkit.generator import Generator
 from fmkit.inception import WEIGHTS_ENV
 from fmkit.options import parse_options
 from fmkit.report import SWEEP, nll_report, write_sweep
+from fmkit.sampling import ChosenSolver
 from fmkit.solver import build_solver, parse_solver_spec
 
 
@@ -195,7 +196,8 @@ def eval_nll(
     seed, ema, device,
 ):  # fmt: skip
     """Negative log-likelihood in bits/dim (uniform dequantisation; dopri5 + Hutchinson trace)."""
-    built = build_solver(solver, options=parse_options(solver_opts, "--solver-opt"))
+    options = parse_options(solver_opts, "--solver-opt")
+    built = ChosenSolver(solver, build_solver(solver, options=options), options)
     generator = Generator.load(ckpt, ema=ema, device=resolve_device(device))
     report = nll_report(
         generator, ckpt, built, dataset=dataset, data_dir=data_dir, split=split,
@@ -204,6 +206,6 @@ def eval_nll(
     )  # fmt: skip
     click.echo(
         f"{report['bits_per_dim']:.4f} bits/dim ± {report['stderr']:.4f} over {report['images']} "
-        f"images ({solver}, mean NFE {report['mean_nfe']:.1f})"
+        f"images ({report['solver']}, mean NFE {report['mean_nfe']:.1f})"
     )
     click.echo(json.dumps(report, indent=2))

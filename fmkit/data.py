@@ -85,7 +85,19 @@ def make_loader(
         prefetch_factor=4 if num_workers > 0 else None,
         generator=generator,
         collate_fn=None if condition is None else Collate(condition),
+        worker_init_fn=_leave_signals_to_the_main_process if num_workers > 0 else None,
     )
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores Ctrl-C and SIGTERM, which reach the whole process group: the main
+    process finishes its step and saves (fmkit.interrupt), then shuts the workers down; a worker
+    that died on the signal would fail that step instead. (Workers still exit if the main
+    process dies: torch's watchdog.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def default_workers(device: torch.device, local_world_size: int = 1) -> int:

@@ -60,19 +60,38 @@ def init(info: DistInfo, device: torch.device, timeout_s: float = 600.0) -> torc
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
+    global _control
     if info.enabled and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
         )
+        # Host-side agreements (has any rank been asked to stop?) go over a CPU group, so
+        # asking never waits for the GPU's queued work.
+        _control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return device
+
+
+_control = None  # the CPU (gloo) group beside an NCCL one; None: the default group is gloo
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether `flag` is set on any rank (every rank calls it at the same point): a few bytes
+    between hosts, no GPU synchronisation."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control)
+    return bool(value.item())
 
 
 def shutdown() -> None:
     """Leave the process group; safe to call when none was joined."""
+    global _control
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _control = None
 
 
 def all_min(value: int, info: DistInfo) -> int:

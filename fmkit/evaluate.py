@@ -28,6 +28,7 @@ from fmkit.inception import (
     load_inception,
 )
 from fmkit.metrics import FEATURES, Metric
+from fmkit.options import format_options
 from fmkit.pixels import to_uint8
 from fmkit.reference import Reference, load_reference, reference
 from fmkit.solver import Solver
@@ -392,8 +393,16 @@ def result_line(r: dict) -> str:
         parts.append(
             f"{plan['kind']} {plan['sampling']}, guidance {plan['guidance']:g} at {lo:g}..{hi:g}"
         )
+    settings = format_options({k: v for k, v in r["solver_settings"].items() if v is not None})
     return (
-        f"{', '.join(parts)} | {r['num_samples']} samples, {r['solver']} {r['solver_settings']}, "
+        f"{', '.join(parts)} | {r['num_samples']} samples, {r['solver']} ({settings}), "
         f"mean NFE {r['mean_nfe']:.1f}, {r['images_per_s']:.1f} img/s | reference "
-        f"{ref.get('dataset')} {ref.get('split')} {ref.get('options', {})} {ref.get('image_size')}px"
+        f"{reference_text(ref)}"
     )
+
+
+def reference_text(ref: dict) -> str:
+    """A reference's description in words: "folder train at 16px", options as KEY=VALUE."""
+    options = format_options(ref.get("options") or {})
+    words = [ref.get("dataset"), ref.get("split"), options, f"at {ref.get('image_size')}px"]
+    return " ".join(str(w) for w in words if w)

@@ -15,6 +15,7 @@ from fmkit import config
 from fmkit.config import SEED_MAX, TrainConfig
 from fmkit.errors import FmkitError
 from fmkit.generator import Generator
+from fmkit.hub import is_repo_id, locate
 from fmkit.sampling import GUIDANCE_MAX
 
 
@@ -67,14 +68,28 @@ def seed_option(help: str = "Seeds the noise."):
     )
 
 
-CHECKPOINT_HELP = "Checkpoint file, run directory (its newest checkpoint) or exported folder."
+CHECKPOINT_HELP = (
+    "Checkpoint file, run directory (its newest checkpoint), exported folder, or a Hugging Face "
+    "Hub repo id of one (org/name[@revision])."
+)
+
+
+class ModelSource(click.ParamType):
+    """A local path that exists, or a Hub repo id, read into the local cache (fmkit.hub)."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx) -> Path:
+        if isinstance(value, Path) or not is_repo_id(value):
+            if not Path(value).expanduser().exists():
+                self.fail(f"Path {str(value)!r} does not exist.", param, ctx)
+            return Path(value).expanduser()
+        return locate(value)
+
+
 # Every command that reads a trained model takes it the same way.
 checkpoint_option = click.option(
-    "--checkpoint",
-    "ckpt",
-    required=True,
-    type=click.Path(exists=True, path_type=Path),
-    help=CHECKPOINT_HELP,
+    "--checkpoint", "ckpt", required=True, type=ModelSource(), help=CHECKPOINT_HELP
 )
 
 cond_option = click.option(

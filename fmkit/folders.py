@@ -240,6 +240,7 @@ def claim(root: str | Path, kind: FolderKind) -> Claim:
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise FmkitError(f"{root} is a file, not a folder")
+    _check_writable(root)
     entries = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     mark = read_mark(root)
     if mark is not None:
@@ -259,6 +260,20 @@ def claim(root: str | Path, kind: FolderKind) -> Claim:
     raise FmkitError(
         f"{root} is not empty and {kind.command} did not write it (it holds "
         f"{_listing(foreign or entries)}); choose a new or empty folder"
+    )
+
+
+def _check_writable(root: Path) -> None:
+    """A folder that could never be written (a read-only mount, no permission) is refused now,
+    before a command spends time on work it could not keep."""
+    existing = Path(os.path.abspath(root))
+    while not existing.exists():
+        existing = existing.parent
+    if os.access(existing, os.W_OK | os.X_OK):
+        return
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    raise FmkitError(
+        f"cannot write {root}: {'Read-only file system' if read_only else 'Permission denied'}"
     )
 
 

@@ -24,6 +24,7 @@ from fmkit.conditions import encode_conditions
 from fmkit.errors import FmkitError
 from fmkit.folders import claim, write_atomic, write_json
 from fmkit.guidance import GuidedModel
+from fmkit.hub import locate
 from fmkit.objective import Objective, as_model
 from fmkit.sampling import Sampling
 from fmkit.solver import Solution, Solver
@@ -85,9 +86,9 @@ class Generator:
     def load(
         cls, source: str | Path, ema: bool = True, device: torch.device | str = "cpu"
     ) -> Generator:
-        """From a weights folder (`save_pretrained`), a checkpoint file, or a run directory
-        (its newest checkpoint)."""
-        source = Path(source)
+        """From a weights folder (`save_pretrained`, or a Hugging Face Hub repo id of one:
+        "org/name"), a checkpoint file, or a run directory (its newest checkpoint)."""
+        source = locate(source)
         if is_model_folder(source):
             return cls.from_pretrained(source, device)
         return cls.from_checkpoint(source, ema=ema, device=device)
@@ -106,8 +107,9 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: torch.device | str = "cpu") -> Generator:
-        """Read what `save_pretrained` wrote: no training state is needed or read."""
-        folder = Path(folder)
+        """Read what `save_pretrained` wrote, from a folder or a Hugging Face Hub repo id
+        ("org/name", "org/name@revision"; see fmkit.hub): no training state is read."""
+        folder = locate(folder)
         try:
             config = json.loads((folder / CONFIG).read_text())
             if config.get("format") != FORMAT:

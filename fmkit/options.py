@@ -28,6 +28,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def format_options(options: dict[str, Any]) -> str:
+    """`{"rtol": 1e-05, "steps": 20}` as a user types them: "rtol=1e-05 steps=20" ("" if
+    none), the inverse of `parse_options` for printing."""
+    return " ".join(f"{key}={value}" for key, value in sorted(options.items()))
+
+
 def parse_options(pairs: Iterable[str], flag: str = "--opt") -> dict[str, Any]:
     """Turn `["steps=10", "rtol=1e-5"]` into `{"steps": 10, "rtol": 1e-5}`.
 

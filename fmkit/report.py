@@ -6,12 +6,14 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fmkit.collate import collate
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, write_json
 from fmkit.generator import Generator
 from fmkit.likelihood import dequantized_bits_per_dim
+from fmkit.sampling import ChosenSolver
 from fmkit.solver import Solver
 
 # A sweep's folder (one from before folders were marked is a user's: sweeps are rerun).
@@ -28,7 +30,7 @@ def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> Non
         import matplotlib.pyplot as plt
     except ImportError:
         raise FmkitError("the sweep plot needs matplotlib: pip install 'fmkit[eval]'") from None
-    from fmkit.evaluate import metric
+    from fmkit.evaluate import metric, reference_text
 
     folder = claim(out, SWEEP)
     folder.add("sweep.json", "sweep.md", "sweep.png")
@@ -47,8 +49,8 @@ def write_sweep(records: list[dict], metrics: tuple[str, ...], out: Path) -> Non
     ref = records[0]["reference"]
     lines.append("")
     lines.append(
-        f"{records[0]['num_samples']} samples each; reference {ref.get('dataset')} {ref.get('split')} "
-        f"{ref.get('options', {})} at {ref.get('image_size')}px; {records[0]['backend']}, {records[0]['mode']}."
+        f"{records[0]['num_samples']} samples each; reference {reference_text(ref)}; "
+        f"{records[0]['backend']}, {records[0]['mode']}."
     )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
@@ -75,12 +77,17 @@ def bits_per_dim(
     rng = torch.Generator().manual_seed(seed)
     velocity = generator.velocity()
     values, nfes = [], []
+    # By batch, with the adaptive solver's NFE, so a long evaluation is never silent.
+    bar = tqdm(total=count, unit="img", desc="bits/dim", disable=None)
     for start in range(0, count, batch_size):
         batch = collate([data[i] for i in range(start, min(count, start + batch_size))])
         images = batch.images.to(generator.device)
         bpd, nfe = dequantized_bits_per_dim(velocity, images, solver, rng)
         values.append(bpd.cpu())
         nfes.append(nfe)
+        bar.update(len(images))
+        bar.set_postfix(nfe=nfe)
+    bar.close()
     all_values = torch.cat(values).double()
     stderr = (
         all_values.std().item() / math.sqrt(len(all_values))
@@ -92,14 +99,13 @@ def bits_per_dim(
         "stderr": stderr,
         "images": count,
         "mean_nfe": sum(nfes) / len(nfes),
-        "solver": type(solver).__name__,
     }
 
 
 def nll_report(
     generator: Generator,
     source: Path,
-    solver: Solver,
+    solver: ChosenSolver,
     *,
     dataset: str | None,
     data_dir: str | None,
@@ -131,4 +137,5 @@ def nll_report(
             f"note: dataset '{name}' has no splits; --split {split} is ignored and its images "
             "are scored as they are"
         )
-    return {**bits_per_dim(generator, data, solver, num_images, batch_size, seed), "split": served}
+    report = bits_per_dim(generator, data, solver.solver, num_images, batch_size, seed)
+    return {**report, "solver": solver.spec, "split": served}

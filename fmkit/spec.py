@@ -107,8 +107,11 @@ class ModelSpec:
 
 
 def read_spec(source: str | Path) -> ModelSpec:
-    """The ModelSpec of a model folder, checkpoint or run directory, without its weights."""
-    source = Path(source)
+    """The ModelSpec of a model folder (or Hub repo id), checkpoint or run directory, without
+    its weights."""
+    from fmkit.hub import locate
+
+    source = locate(source)
     if is_model_folder(source):
         try:
             config = json.loads((source / CONFIG).read_text())

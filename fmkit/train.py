@@ -4,7 +4,7 @@ actions, final save); the objective it optimises is a plugin it never looks insi
 from __future__ import annotations
 
 import contextlib
-import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from fmkit import __version__ as fmkit_version
 from fmkit import checkpoint, distributed
@@ -25,13 +24,16 @@ from fmkit.device import choose, resolve_device
 from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, claim, json_file, write_json
 from fmkit.generator import Generator, ModelSpec, build_backbone, init_from
-from fmkit.logs import RunLog
+from fmkit.interrupt import SIGNALS, Interrupted, StopRequests
+from fmkit.logs import RunLog, check_logger
+from fmkit.lr import learning_rate
 from fmkit.nonfinite import NonFinite
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
 from fmkit.plugins import component_info, registry
+from fmkit.progress import TrainingBar, startup_lines
 from fmkit.state import EMA, TrainState
-from fmkit.visualize import grid_conditions, visualize_samples
+from fmkit.visualize import grid_layout, visualize_samples
 
 __all__ = ["train"]
 
@@ -43,11 +45,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     Under torchrun every process calls this; rank 0 alone writes outputs. Outputs in
     `cfg.output`: config.json, checkpoint_epoch_N / checkpoint_step_N / checkpoint_final
     (.safetensors), samples_epoch_N / samples_step_N / final_samples_grid (.png, from the EMA
-    weights) and metrics.jsonl.
+    weights) and metrics.jsonl. Paths are recorded absolute.
+
+    The first SIGINT or SIGTERM finishes the step, saves a checkpoint and raises Interrupted
+    (which says how to resume); a second SIGINT aborts.
     """
     info = distributed.from_environment()
     try:
-        return Run(cfg, info, progress).execute(resume)
+        return Run(cfg.with_absolute_paths(), info, progress).execute(resume)
+    except Interrupted:
+        raise
     except FmkitError as exc:
         raise FmkitError(f"rank {info.rank}: {exc}" if info.enabled else str(exc)) from None
     except dist.DistBackendError as exc:
@@ -77,6 +84,7 @@ class Run:
         self.last_saved: Path | None = None
 
     def execute(self, resume: bool) -> Path:
+        self.resuming = resume
         self.check(resume)  # every name, option and the output folder, before any data
         self.device = distributed.init(
             self.info, resolve_device(self.cfg.device), self.cfg.dist_timeout
@@ -86,12 +94,27 @@ class Run:
             self.cfg, self.info, self.device, self.micro_batch, self.progress
         )
         self.data = self.training.spec
+        self.total = self.cfg.max_steps
+        if self.total is None and self.training.steps_per_epoch is not None:
+            self.total = self.training.steps_per_epoch * self.cfg.epochs
+        if self.total is None and self.cfg.lr_schedule != "constant":
+            raise FmkitError(
+                f"--lr-schedule {self.cfg.lr_schedule} decays to 0 at the last step, and the "
+                f"length of dataset '{self.cfg.dataset}' is unknown: set --max-steps"
+            )
         self.build_model()
         if resume:
             self.resume()
-        self.loop()  # the run folder is written once the first step has worked
-        final = self.save("final")
-        self.grid("final_samples_grid")
+        self.summary()
+        with StopRequests(announce=self.info.is_main) as self.stop:
+            try:
+                self.loop()  # the run folder is written once the first step has worked
+                if self.stopped:
+                    self.interrupted()
+                final = self.save("final")
+                self.grid("final_samples_grid")
+            finally:
+                self.close_outputs()
         return final
 
     # Build.
@@ -120,6 +143,7 @@ class Run:
         self.local_batch = cfg.batch_size // info.world_size  # this rank's images per step
         self.micro_batch = self.local_batch // cfg.grad_accum  # images per forward/backward
         self.objective = self.build_objective()
+        self.logger = check_logger(cfg.logger) if info.is_main else "none"
         backbones = registry("backbones")  # options checked before any download
         if cfg.condition != "none":
             registry("conditions").get(cfg.condition)  # an unknown kind lists the known ones
@@ -172,7 +196,8 @@ class Run:
             },
         )
         model = build_backbone(self.spec)
-        if cfg.init_from:  # a resumed run then replaces them with its own
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        if cfg.init_from and not self.resuming:  # a resumed run has weights of its own
             init_from(model, self.spec, cfg.init_from, self.objective.backbone_needs)
         model = model.to(device, memory_format=self.memory_format)
         optimizer = torch.optim.AdamW(
@@ -200,51 +225,107 @@ class Run:
             state = self.state
             print(f"resumed from {latest} at step {state.step} (epoch {state.epoch}){note}")
 
+    def summary(self) -> None:
+        """What is about to train, on what, where and for how long (rank 0)."""
+        cfg = self.cfg
+        if not (self.progress and self.info.is_main):
+            return
+        lr = f"{cfg.lr:g}"
+        if cfg.warmup_steps:
+            lr += f" after {cfg.warmup_steps:,} warm-up steps"
+        if cfg.lr_schedule != "constant":
+            lr += f", {cfg.lr_schedule} decay to 0"
+        dataset = self.training.dataset
+        lines = startup_lines(
+            backbone=cfg.backbone,
+            parameters=self.parameter_count,
+            objective=cfg.objective,
+            path=cfg.path,
+            dataset=cfg.dataset,
+            images=None if self.training.iterable else len(dataset),
+            image_size=self.data.image_size,
+            condition=self.data.condition.kind,
+            device=self.device,
+            precision="bf16" if self.bf16 else "fp32",
+            compile=cfg.compile,
+            processes=self.info.world_size,
+            batch=cfg.batch_size,
+            micro_batch=self.micro_batch,
+            grad_accum=cfg.grad_accum,
+            steps_per_epoch=self.training.steps_per_epoch,
+            total=self.total,
+            lr=lr,
+            output=str(self.out),
+            resumed_at=self.state.step,
+        )
+        print("\n".join(lines), flush=True)
+
     # Train.
 
     def loop(self) -> None:
+        """Steps until the limit, or until a stop is asked for (`self.stopped`); then the last
+        step is logged if it was not."""
         cfg, state = self.cfg, self.state
         self.window = (time.perf_counter(), 0)  # start of the metrics window, images in it
         self.bad = NonFinite(self.device)
-        self.logs = bar = None
-        try:
-            while not self.finished() and (cfg.max_steps is not None or state.epoch < cfg.epochs):
-                self.steps_this_epoch = 0
-                epoch = self.training.epoch(state.epoch, state.batch_in_epoch, cfg.grad_accum)
-                for micro in epoch:
-                    result = self.step(micro)
-                    if bar is None:
-                        bar = self.open_outputs()
-                    bar.update(1)
-                    self.periodic(result, bar)
-                    if self.finished():
-                        break
-                else:
-                    self.end_epoch()
-        finally:
-            for closable in (self.logs, bar):
-                if closable is not None:
-                    closable.close()
+        self.logs = self.bar = self.result = None
+        self.stopped = False
+        self.logged = state.step
+        while not self.finished() and (cfg.max_steps is not None or state.epoch < cfg.epochs):
+            self.steps_this_epoch = 0
+            epoch = self.training.epoch(state.epoch, state.batch_in_epoch, cfg.grad_accum)
+            for micro in epoch:
+                self.result = self.step(micro)
+                if self.bar is None:
+                    self.open_outputs()
+                self.bar.update(self.result.loss)
+                # Every rank stops after the same step: the first signal anywhere counts.
+                self.stopped = distributed.any_rank(self.stop.requested, self.info)
+                if self.stopped:
+                    break
+                self.periodic(self.result)
+                if self.finished():
+                    break
+            else:
+                self.end_epoch()
+            if self.stopped:
+                break
+        if self.result is not None and self.logged < state.step:
+            self.log(self.result)  # metrics.jsonl always ends with the last step
 
-    def open_outputs(self):
-        """Write config.json, open metrics.jsonl and TensorBoard, and start the progress bar:
+    def open_outputs(self) -> None:
+        """Write config.json, open metrics.jsonl and the logger, and start the progress bar:
         only once the first step has worked, so a run stopped by a mistake that only the model
-        or the objective could find leaves nothing behind. Returns the bar."""
+        or the objective could find leaves nothing behind."""
         cfg, state = self.cfg, self.state
-        total = cfg.max_steps
-        if total is None and self.training.steps_per_epoch is not None:
-            total = self.training.steps_per_epoch * cfg.epochs
         if self.info.is_main:
             if self.last_saved is None:  # a new run, or one that never saved: start it over
                 self.folder.retire()
             write_json(self.folder.path("config.json"), cfg.to_dict())
-            self.logs = RunLog(self.folder)
-        return tqdm(
-            total=total,
-            initial=state.step - 1,
-            disable=not (self.progress and self.info.is_main),
-            unit="step",
-            dynamic_ncols=True,
+            self.logs = RunLog(self.folder, self.logger, state.step - 1, cfg.to_dict())
+        self.bar = TrainingBar(self.total, state.step - 1, self.progress and self.info.is_main)
+
+    def close_outputs(self) -> None:
+        for closable in (self.logs, self.bar):
+            if closable is not None:
+                closable.close()
+        self.logs = self.bar = None
+
+    def interrupted(self) -> None:
+        """Save where the run stopped and say how to continue it."""
+        step = self.state.step
+        saved = self.out / f"checkpoint_step_{step}.safetensors"
+        if self.last_saved != saved:
+            self.last_saved = self.save(f"step_{step}")
+        self.close_outputs()
+        signum = self.stop.signum or 15  # a rank that got no signal stops with the others
+        resume = f"fmkit train --output {shlex.quote(str(self.out))} --resume"
+        if self.info.enabled:
+            resume = f"torchrun (the same arguments) -m fmkit {resume[len('fmkit ') :]}"
+        raise Interrupted(
+            f"stopped by {SIGNALS.get(signum, signum)} after step {step}; saved "
+            f"{self.last_saved}; continue with: {resume}",
+            signum,
         )
 
     def finished(self) -> bool:
@@ -288,7 +369,7 @@ class Run:
         )
         # Gradients are averaged over ranks, so a non-finite one stops every rank alike.
         self.bad.record(state.step + 1, loss_sum, grad_norm)
-        lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = learning_rate(state.step + 1, cfg.lr, cfg.warmup_steps, self.total, cfg.lr_schedule)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         state.optimizer.step()
@@ -299,11 +380,11 @@ class Run:
         self.window = (self.window[0], self.window[1] + cfg.batch_size)
         return StepResult(loss_sum, grad_norm, lr, logs)
 
-    def periodic(self, result: StepResult, bar) -> None:
+    def periodic(self, result: StepResult) -> None:
         """Log, sample and save on step intervals."""
         cfg, step = self.cfg, self.state.step
         if due(cfg.log_every, step):
-            self.log(result, bar)
+            self.log(result)
         if due(cfg.sample_every_steps, step):
             self.grid(f"samples_step_{step}")
         if due(cfg.save_every_steps, step):
@@ -323,7 +404,7 @@ class Run:
 
     # Periodic actions.
 
-    def log(self, result: StepResult, bar) -> None:
+    def log(self, result: StepResult) -> None:
         self.bad.check(self.state.step, self.last_saved, self.info)
         # One collective for the loss and the objective's logs (whose keys, as Loss says, are
         # the same on every rank and step).
@@ -331,6 +412,7 @@ class Run:
         values = torch.stack([result.loss, *(torch.as_tensor(result.logs[k]) for k in keys)])
         values = distributed.mean(values.float(), self.info)
         loss, logs = values[0], dict(zip(keys, values[1:], strict=True))
+        self.logged = self.state.step
         if not self.info.is_main:
             return
         start, images = self.window
@@ -344,7 +426,7 @@ class Run:
             **{k: v.item() for k, v in logs.items()},
         }
         self.logs.write(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+        self.bar.show(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
         self.window = (time.perf_counter(), 0)
 
     def grid(self, name: str) -> None:
@@ -352,20 +434,24 @@ class Run:
         self.bad.check(self.state.step, self.last_saved, self.info)
         if not self.info.is_main:
             return
+        with self.status(f"drawing {name}.png"):
+            self.draw_grid(name)
+
+    def status(self, what: str):
+        """The bar says what the run is doing meanwhile (the final ones come after it)."""
+        return self.bar.doing(what) if self.bar is not None else contextlib.nullcontext()
+
+    def draw_grid(self, name: str) -> None:
         cfg = self.cfg
         ema = Generator(self.spec, self.state.ema.model)
         solver = ema.defaults.solver_for(steps=cfg.sample_steps).solver  # as the model samples
-        ncol = int(math.sqrt(cfg.num_samples)) or 1
-        cond = None
-        if self.data.condition.kind != "none":  # one condition per row, captioned
-            shown = grid_conditions(self.data.condition, math.ceil(cfg.num_samples / ncol))
-            cond = [row for _, row in shown for _ in range(ncol)][: cfg.num_samples]
-            captions = [f"row {r + 1}: {caption}" for r, (caption, _) in enumerate(shown)]
-            self.folder.path(f"{name}.txt").write_text("\n".join(captions) + "\n")
-        samples = ema.sample(
-            cfg.num_samples, cond=cond, solver=solver, seed=cfg.seed, batch_size=cfg.num_samples
-        )
-        visualize_samples(samples.images, self.folder.path(f"{name}.png"), nrow=ncol)
+        layout = grid_layout(self.data.condition, cfg.num_samples)
+        cond, count = layout.conditions(), cfg.num_samples
+        if cond is not None:  # one condition per row, captioned
+            cond, count = cond[:count], min(count, len(cond))
+            self.folder.path(f"{name}.txt").write_text(layout.captions())
+        samples = ema.sample(count, cond=cond, solver=solver, seed=cfg.seed, batch_size=count)
+        visualize_samples(samples.images, self.folder.path(f"{name}.png"), nrow=layout.columns)
 
     def save(self, name: str) -> Path:
         """A checkpoint (collective: every rank takes part)."""
@@ -379,7 +465,8 @@ class Run:
         name = f"checkpoint_{name}.safetensors"
         path = self.folder.path(name) if self.info.is_main else self.out / name
         try:
-            return self.state.save(path, metadata, self.info, self.device)
+            with self.status(f"saving {name}"):
+                return self.state.save(path, metadata, self.info, self.device)
         except FmkitError as exc:  # a full disk, a folder made read-only: say what is safe
             kept = f"{self.last_saved} is intact" if self.last_saved else "none was written yet"
             raise FmkitError(f"{exc}; the last checkpoint {kept}") from None
@@ -401,8 +488,9 @@ RUN = FolderKind(
     "a training run",
     "fmkit train",
     allowed=(
-        "config.json", "metrics.jsonl", "tensorboard", "checkpoint_*.safetensors",
-        ".checkpoint_*.tmp", "samples_*.png", "samples_*.txt", "final_samples_grid.*",
+        "config.json", "metrics.jsonl", ".metrics.jsonl.*.tmp", "tensorboard", "wandb",
+        "checkpoint_*.safetensors", ".checkpoint_*.tmp", "samples_*.png", "samples_*.txt",
+        "final_samples_grid.*",
     ),
     recognise=_records_training,
 )  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor
@@ -28,9 +30,37 @@ def trajectory_strip(trajectory: Tensor, save_path: str | Path) -> Path:
     return path
 
 
-def grid_conditions(condition: Condition, rows: int) -> list[tuple[str, dict]]:
-    """What each row of a training grid shows, so control can be watched as it emerges (the
-    condition kind's choice, e.g. one class per row). Returns (caption, conditions) per row."""
+@dataclass
+class GridLayout:
+    """A training grid: `columns` images a row; for a conditional model, each row's
+    (caption, what it asks for), rows * columns images in all."""
+
+    columns: int
+    rows: list[tuple[str, dict]] | None = None
+
+    def conditions(self) -> list[dict] | None:
+        """One condition per image, row after row (None: unconditional)."""
+        if self.rows is None:
+            return None
+        return [asked for _, asked in self.rows for _ in range(self.columns)]
+
+    def captions(self) -> str:
+        return "".join(f"row {r + 1}: {caption}\n" for r, (caption, _) in enumerate(self.rows))
+
+
+def grid_layout(condition: Condition, num_samples: int) -> GridLayout:
+    """How a training grid of about `num_samples` images is laid out: square-ish; for a
+    conditional model one condition per row (the condition kind's choice, so control can be
+    watched as it emerges). A kind with few states (K classes) gets a row for every one when
+    K <= num_samples, so no class is left out: K rows of num_samples // K."""
     from fmkit.conditions import condition_kind
 
-    return condition_kind(condition.kind).grid_rows(condition, rows)
+    columns = int(math.sqrt(num_samples)) or 1
+    if condition.kind == "none":
+        return GridLayout(columns)
+    kind = condition_kind(condition.kind)
+    rows = math.ceil(num_samples / columns)
+    states = kind.states(condition)
+    if states is not None and rows < len(states) <= num_samples:
+        rows, columns = len(states), num_samples // len(states)
+    return GridLayout(columns, kind.grid_rows(condition, rows))

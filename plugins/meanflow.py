@@ -3,6 +3,8 @@ few steps."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Literal
 
 import torch
@@ -76,7 +78,7 @@ class MeanFlowObjective(Objective):
         # mode AD through the module (not torch.func.jvp, which DDP's reducer cannot follow);
         # fused attention kernels (flash, memory-efficient) have no forward derivative, so
         # attention runs in its plain math form here.
-        with sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level():
+        with sdpa_kernel(SDPBackend.MATH), forward_ad.dual_level(), _quiet_torch_internals():
             x_dual = forward_ad.make_dual(target.x_t, v)
             t_dual = forward_ad.make_dual(t, torch.ones_like(t))
             u, dudt = forward_ad.unpack_dual(model(x_dual, t_dual, {**(cond or {}), "r": r}))
@@ -162,3 +164,15 @@ def meanflow(
 @hookimpl
 def register_objectives(register):
     register("meanflow", meanflow)
+
+
+@contextlib.contextmanager
+def _quiet_torch_internals():
+    """torch's forward-mode AD loads its own decompositions with torch.jit.script on first use,
+    which warns that torch.jit.script is deprecated: a note to torch's developers, nothing a
+    user of fmkit can act on, so it is silenced here (and only that warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        yield

@@ -201,7 +201,7 @@ class AdaptiveSolver(Solver):
 def _fixed(method: str, doc: str, cls=None, default_schedule: str = "uniform"):
     def factory(
         *,
-        steps: int = 100,
+        steps: int = DEFAULT_STEPS,
         schedule: str = default_schedule,
         power: float = 2.0,
         shift: float = 3.0,
@@ -226,6 +226,10 @@ def _adaptive(method: str, doc: str):
     factory.__name__ = factory.__qualname__ = method
     return factory
 
+
+# The steps of a fixed-step solver built without them: those a model samples with by default
+# (flow matching's Sampling: ab2 with 20), so `fmkit show solvers` tells what commands do.
+DEFAULT_STEPS = 20
 
 GRID = "options steps, schedule (uniform, power, shift, edm), power, shift, rho"
 SOLVERS = {

@@ -90,13 +90,21 @@ def benchmark(name: str):
     return importlib.import_module(name)
 
 
+STARTUP = ("model: ", "data: ", "device: ", "output: ", "resumed from ")  # fmkit.progress
+
+
 def one_line_error(result) -> str:
     """Assert a CLI result failed with exactly one error line and no traceback; return it."""
     output = result.output if hasattr(result, "output") else result
     assert result.exit_code != 0, output
     assert "Traceback" not in output, output
-    # Progress-bar lines (tqdm, "%|") may precede the error; they are not error output.
-    lines = [line for line in output.splitlines() if line.strip() and "%|" not in line]
+    # Progress-bar lines (tqdm, "%|") and a run's start-up summary may precede the error;
+    # they are not error output.
+    lines = [
+        line
+        for line in output.splitlines()
+        if line.strip() and "%|" not in line and not line.startswith(STARTUP)
+    ]
     assert len(lines) == 1, output
     assert lines[0].startswith("Error: "), output
     return lines[0]

@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import one_line_error, run_fmkit, train_args, write_image
+from conftest import STARTUP, one_line_error, run_fmkit, train_args, write_image
 
 from fmkit import Condition, DataSpec, Generator, checkpoint
 from fmkit.folders import MARK
@@ -354,7 +354,9 @@ def error_line(result: list) -> str:
     """The one error line of a [exit code, output, exception] that must be a one-line error."""
     code, output, exception = result
     assert code == 1 and "Traceback" not in output, (output, exception)
-    lines = [x for x in output.splitlines() if x.strip() and "%|" not in x]
+    lines = [
+        x for x in output.splitlines() if x.strip() and "%|" not in x and not x.startswith(STARTUP)
+    ]
     assert len(lines) == 1 and lines[0].startswith("Error: "), output
     return lines[0]
 

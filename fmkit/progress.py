@@ -1,0 +1,113 @@
+"""What a user watches: the training bar (its loss read at the bar's refresh, not every step,
+and a word on what it is doing while grids are drawn or checkpoints written) and the few lines
+a run prints before its first step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+REFRESH_S = 1.0  # how often the bar reads the loss: one host-device synchronisation a second
+
+
+class TrainingBar:
+    """tqdm over optimizer steps.
+
+    Args:
+        total: the run's last step (None: unknown, e.g. shards without --max-steps).
+        done: steps already taken (a resumed run).
+        enabled: draw it (rank 0 of a run with progress).
+    """
+
+    def __init__(self, total: int | None, done: int, enabled: bool) -> None:
+        self.bar = tqdm(
+            total=total, initial=done, disable=not enabled, unit="step", dynamic_ncols=True
+        )
+        self.enabled = enabled
+        self.shown = {}
+        self.last_read = 0.0
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One step done; `loss` (a 0-d tensor, possibly still being computed on the GPU) is
+        read only when the bar is due to refresh, so steps stay asynchronous."""
+        self.bar.update(1)
+        now = time.monotonic()
+        if self.enabled and now - self.last_read >= REFRESH_S:
+            self.last_read = now
+            self.show(loss=f"{loss.item():.4f}")
+
+    def show(self, **values: str) -> None:
+        """Set fields of the bar's postfix (loss, img/s), kept until changed."""
+        self.shown.update(values)
+        self.bar.set_postfix(self.shown, refresh=True)
+
+    @contextlib.contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """Say `what` in the bar while it is done (a grid, a checkpoint), so it never looks
+        frozen."""
+        if not self.enabled:
+            yield
+            return
+        self.bar.set_postfix_str(f"{what}...", refresh=True)
+        try:
+            yield
+        finally:
+            self.bar.set_postfix(self.shown, refresh=True)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def startup_lines(
+    *,
+    backbone: str,
+    parameters: int,
+    objective: str,
+    path: str,
+    dataset: str,
+    images: int | None,
+    image_size: int,
+    condition: str,
+    device: torch.device,
+    precision: str,
+    compile: bool,
+    processes: int,
+    batch: int,
+    micro_batch: int,
+    grad_accum: int,
+    steps_per_epoch: int | None,
+    total: int | None,
+    lr: str,
+    output: str,
+    resumed_at: int,
+) -> list[str]:
+    """The lines a run prints before its first step: what trains on what, where and how long,
+    and where it writes."""
+    where = str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    size = "unknown size" if images is None else f"{images:,} images"
+    cond = "" if condition == "none" else f", conditioned on {condition}"
+    per = f"{processes} process{'es' if processes > 1 else ''} x {grad_accum} x {micro_batch}"
+    epoch = "" if steps_per_epoch is None else f"{steps_per_epoch:,} steps per epoch, "
+    length = "until the data ends" if total is None else f"{total:,} step{'s' * (total != 1)}"
+    start = f", resuming at step {resumed_at:,}" if resumed_at else ""
+    return [
+        f"model: {backbone} ({_count(parameters)} parameters), {objective} on the {path} "
+        f"path{cond}",
+        f"data: {dataset}, {size} at {image_size}x{image_size}; {epoch}{length}{start}",
+        f"device: {where}, {precision}, compile {'on' if compile else 'off'}; batch {batch} "
+        f"({per}); lr {lr}",
+        f"output: {output}",
+    ]
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"

@@ -1,0 +1,238 @@
+"""The run a user watches: the start-up summary, interrupts that save, --resume that keeps the
+run's own settings, metrics that never repeat a step, paths that work from anywhere, grids
+that show every class, learning-rate schedules and the W&B logger."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, one_line_error, train_args
+from PIL import Image
+
+from fmkit import checkpoint
+from fmkit.generator import Generator
+from fmkit.interrupt import StopRequests
+
+
+def weights(path):
+    tensors, _ = checkpoint.load(path)
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema.", "optim."))}
+
+
+def steps_logged(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_training(out, faces, *extra):
+    """`fmkit train` in its own process (a real one, to send real signals to)."""
+    args = [str(a) for a in train_args(faces, out, "--max-steps", 100000, *extra)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fmkit", *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def wait_for_steps(run, count, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(process.communicate())
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("training never reached the steps")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_and_the_resume_is_bit_exact(tmp_path, faces, run_cli, monkeypatch, signum):
+    stopped = tmp_path / "stopped"
+    process = start_training(stopped, faces, "--lr-schedule", "constant")
+    wait_for_steps(stopped, 3, process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    step = steps_logged(stopped)[-1]  # the step it finished is logged and saved
+    saved = stopped / f"checkpoint_step_{step}.safetensors"
+    last = stderr.strip().splitlines()[-1]
+    assert last == (
+        f"stopped by {signal.Signals(signum).name} after step {step}; saved {saved}; "
+        f"continue with: fmkit train --output {stopped} --resume"
+    )
+    assert "Traceback" not in stderr and saved.is_file()
+    # Continue it as it says (plus a new limit), from another folder: no other flag is needed.
+    monkeypatch.chdir(tmp_path)
+    resumed = run_cli("train", "--output", stopped, "--resume", "--max-steps", step + 2)
+    assert resumed.exit_code == 0, resumed.output
+    assert steps_logged(stopped) == list(range(1, step + 3))
+    # An uninterrupted run of as many steps holds the same weights, bit for bit.
+    whole = tmp_path / "whole"
+    args = train_args(faces, whole, "--max-steps", step + 2, "--lr-schedule", "constant")
+    assert run_cli(*args).exit_code == 0
+    a = weights(whole / "checkpoint_final.safetensors")
+    b = weights(stopped / "checkpoint_final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    with StopRequests(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resume_keeps_the_runs_settings(tmp_path, faces, run_cli):
+    run = tmp_path / "run"
+    first = run_cli(*train_args(faces, run, "--max-steps", 3, "--lr", "1e-3", "--seed", 7))
+    assert first.exit_code == 0, first.output
+    # Only --output: the dataset, the model, the learning rate and the seed are the run's.
+    more = run_cli("train", "--output", run, "--resume", "--max-steps", 5, "--log-every", 2)
+    assert more.exit_code == 0, more.output
+    _, meta = checkpoint.load(run / "checkpoint_final.safetensors")
+    config = meta["config"]
+    assert (config["lr"], config["seed"], config["dataset"], config["max_steps"]) == (
+        1e-3,
+        7,
+        "folder",
+        5,
+    )
+    assert config["backbone_opts"]["base_channels"] == 8 and config["log_every"] == 2
+    # The last step is always logged, even off the --log-every grid, and none twice.
+    assert steps_logged(run) == [1, 2, 3, 4, 5]
+    # A flag that would change what is learned is named, with both values.
+    line = one_line_error(run_cli("train", "--output", run, "--resume", "--lr", "2e-3"))
+    assert line.startswith(f"Error: --resume: --lr 0.002 differs from the run's 0.001 ({run})")
+    line = one_line_error(
+        run_cli("train", "--output", run, "--resume", "--backbone-opt", "base_channels=16")
+    )
+    assert "--backbone-opt base_channels 16 differs from the run's 8" in line
+    # The same value again is no change.
+    same = run_cli("train", "--output", run, "--resume", "--lr", "0.001", "--max-steps", 6)
+    assert same.exit_code == 0, same.output
+
+
+def test_metrics_never_repeat_a_step_after_a_resume(tmp_path, faces, run_cli):
+    run = tmp_path / "run"
+    args = train_args(faces, run, "--max-steps", 5, "--save-every-steps", 3)
+    assert run_cli(*args).exit_code == 0
+    assert steps_logged(run) == [1, 2, 3, 4, 5]
+    # A run that died after step 5 was logged but before it was saved: step 3 is the newest
+    # checkpoint, and steps 4 and 5 are trained again.
+    (run / "checkpoint_final.safetensors").unlink()
+    resumed = run_cli("train", "--output", run, "--resume", "--max-steps", 6)
+    assert resumed.exit_code == 0 and "at step 3" in resumed.output
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_start_up_summary_says_what_will_run(tmp_path, faces, run_cli):
+    run = tmp_path / "run"
+    result = run_cli(*train_args(faces, run, "--max-steps", 2, "--warmup-steps", 5))
+    assert result.exit_code == 0, result.output
+    count = sum(p.numel() for p in Generator.load(run).module.parameters())
+    assert f"model: unet ({count:,} parameters), flow_matching on the linear path\n" in (
+        result.output
+    )
+    assert f"\noutput: {run}\n" in result.output
+    assert "data: folder, 24 images at 16x16; 6 steps per epoch, 2 steps" in result.output
+    assert "device: cpu, fp32, compile off; batch 4 (1 process x 1 x 4); lr 0.0003 after 5 " \
+        "warm-up steps" in result.output  # fmt: skip
+
+
+def test_a_relative_data_dir_is_recorded_so_the_run_works_from_anywhere(
+    tmp_path, faces, run_cli, monkeypatch
+):
+    monkeypatch.chdir(faces.parent)
+    run = tmp_path / "run"
+    relative = train_args(faces.name, "run", "--max-steps", 2)
+    assert run_cli(*relative).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = json.loads((run / "config.json").read_text())
+    assert config["data_dir"] == str(faces) and config["output"] == str(run)
+    result = run_cli("eval", "nll", "--checkpoint", run, "--num-images", 2, "--batch-size", 2,
+                     "--solver-opt", "rtol=1e-2", "--solver-opt", "atol=1e-2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_the_learning_rate_decays_to_zero_after_warm_up(tmp_path, faces, run_cli, schedule):
+    run = tmp_path / "run"
+    args = train_args(faces, run, "--max-steps", 6, "--warmup-steps", 2, "--lr-schedule", schedule)
+    assert run_cli(*args).exit_code == 0
+    rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    progress = [(step - 2) / 4 for step in range(2, 7)]
+    decay = {
+        "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in progress],
+        "linear": [1 - p for p in progress],
+    }[schedule]
+    assert rates == pytest.approx([3e-4 * 0.5, *(3e-4 * d for d in decay)], abs=1e-12)
+    assert rates[-1] == 0
+
+
+def test_a_class_grid_shows_every_class(tmp_path, run_cli):
+    data = tmp_path / "classes"
+    for k in range(5):
+        (data / f"c{k}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(data / f"c{k}" / f"{i}.png")
+    run = tmp_path / "run"
+    result = run_cli("train", "--dataset", "folder", "--data-dir", data, "--condition", "class",
+                     "--image-size", 8, "--batch-size", 2, "--max-steps", 1, "--num-samples", 10,
+                     "--sample-steps", 1, "--output", run, *TINY)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    captions = (run / "final_samples_grid.txt").read_text().splitlines()
+    assert captions == [f"row {k + 1}: class=c{k}" for k in range(5)]
+    with Image.open(run / "final_samples_grid.png") as grid:  # 5 rows of 2 images of 8 + 2
+        assert grid.size == (2 * 10 + 2, 5 * 10 + 2)
+
+
+def test_wandb_logs_offline_and_a_resume_continues_its_run(tmp_path, faces, run_cli, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    assert run_cli(*train_args(faces, run, "--max-steps", 2, "--logger", "wandb")).exit_code == 0
+    run_id = (run / "wandb" / "fmkit-run-id").read_text()
+    (first,) = (run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    assert b"train/loss" in first.read_bytes() and b"train/grad_norm" in first.read_bytes()
+    assert run_cli("train", "--output", run, "--resume", "--max-steps", 3).exit_code == 0
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+    assert (run / "wandb" / "fmkit-run-id").read_text() == run_id  # the same W&B run
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, faces, run_cli):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    args = train_args(faces, run, "--max-steps", 3, "--logger", "tensorboard")
+    assert run_cli(*args).exit_code == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [(row["step"], pytest.approx(row["loss"])) for row in logged]
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_a_logger_that_is_not_installed_is_refused_before_anything_is_written(
+    tmp_path, faces, run_cli, monkeypatch, logger
+):
+    monkeypatch.setitem(sys.modules, logger, None)  # what import sees when it is not installed
+    run = tmp_path / "run"
+    line = one_line_error(run_cli(*train_args(faces, run, "--logger", logger)))
+    assert line == f"Error: --logger {logger} needs the {logger} package: pip install " \
+        f"'fmkit[{logger}]'"  # fmt: skip
+    assert not run.exists()

@@ -63,6 +63,11 @@ RECIPES = {
     "ema_warmup30": {"ema_warmup": 30.0},
     "ema_warmup100": {"ema_warmup": 100.0},
     "logit_normal_ema30": {"time_sampling": "logit_normal", "ema_warmup": 30.0},
+    # The learning rate after warm-up (--lr-schedule), each named so a change of the default
+    # does not change what it measures.
+    "constant": {"lr_schedule": "constant"},
+    "cosine": {"lr_schedule": "cosine"},
+    "linear": {"lr_schedule": "linear"},
 }
 
 

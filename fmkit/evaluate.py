@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fmkit import checkpoint as checkpoint_module
 from fmkit.collate import cond_from_labels
@@ -30,8 +29,9 @@ from fmkit.inception import (
 from fmkit.metrics import FEATURES, Metric
 from fmkit.options import format_options
 from fmkit.pixels import to_uint8
+from fmkit.progress import SamplingBar
 from fmkit.reference import Reference, load_reference, reference
-from fmkit.solver import Solver
+from fmkit.solver import Solver, parse_solver_spec
 
 
 @dataclass
@@ -53,10 +53,11 @@ def generate(
 ) -> Generated:
     """Sample `num_samples` images in batches (progress bar), quantised to uint8; `cond`,
     `guidance` and `interval` as in `Generator.sample`."""
-    with tqdm(total=num_samples, desc="sampling", unit="img", leave=False) as bar:
+    with SamplingBar(num_samples, "sampling", leave=False) as bar:
         samples = generator.sample(
             num_samples, cond, solver, seed=seed, batch_size=batch_size, guidance=guidance,
             interval=interval, progress=lambda x, solution: bar.update(len(x)), convert=to_uint8,
+            watch=bar.watch,
         )  # fmt: skip
     return Generated(samples.images, samples.nfe, samples.seconds)
 
@@ -393,9 +394,15 @@ def result_line(r: dict) -> str:
         parts.append(
             f"{plan['kind']} {plan['sampling']}, guidance {plan['guidance']:g} at {lo:g}..{hi:g}"
         )
-    settings = format_options({k: v for k, v in r["solver_settings"].items() if v is not None})
+    _, steps, named = parse_solver_spec(r["solver"])  # what the spec says is not repeated
+    unsaid = {
+        k: v
+        for k, v in r["solver_settings"].items()
+        if v is not None and k not in named and not (k == "steps" and steps is not None)
+    }
+    solver = f"{r['solver']} ({format_options(unsaid)})" if unsaid else r["solver"]
     return (
-        f"{', '.join(parts)} | {r['num_samples']} samples, {r['solver']} ({settings}), "
+        f"{', '.join(parts)} | {r['num_samples']} samples, {solver}, "
         f"mean NFE {r['mean_nfe']:.1f}, {r['images_per_s']:.1f} img/s | reference "
         f"{reference_text(ref)}"
     )

@@ -192,16 +192,17 @@ class Generator:
         times: Tensor | None = None,
         guidance: float | None = None,
         interval: tuple[float, float] | None = None,
+        watch: Callable[[int], None] | None = None,
     ) -> Solution:
         """Integrate from given `noise` (B, C, H, W); states at `times` (default [0, 1]).
 
         `cond` is in fmkit.batch's form (see `encode`); `guidance` and `interval` as in
         GuidedModel (default: the model's). The NFE counts every network evaluation, guidance's
-        second pass included.
+        second pass included; `watch` hears the running count after each.
         """
         guidance = self.defaults.guidance if guidance is None else guidance
         interval = self.defaults.guidance_interval if interval is None else interval
-        model = GuidedModel(self.module, guidance, interval)
+        model = GuidedModel(self.module, guidance, interval, watch)
         solution = self.objective.generate(model, noise.to(self.device), solver, cond, times)
         solution.nfe = model.nfe
         return solution
@@ -222,13 +223,14 @@ class Generator:
         trajectory: int = 0,
         guidance: float | None = None,
         interval: tuple[float, float] | None = None,
+        watch: Callable[[int], None] | None = None,
     ) -> Iterator[tuple[Tensor, Solution]]:
         """Generate in batches: yields (images on the CPU, Solution) per batch.
 
         Noise comes from a CPU generator seeded by `seed`, drawn batch after batch, so the same
         seed gives the same images on any device. `solver` (default: the model's), `cond` (see
         `encode`), `guidance` and `interval` (default: the model's). `trajectory` = K >= 2 also
-        keeps K states of the first batch.
+        keeps K states of the first batch. `watch` hears each batch's running NFE.
         """
         solver = solver or self.defaults.solver_for().solver
         cond = self.encode(cond, num_samples)
@@ -246,7 +248,7 @@ class Generator:
                     else {k: v[start : start + n].to(self.device) for k, v in cond.items()}
                 )
                 times = torch.linspace(0, 1, trajectory) if trajectory >= 2 and start == 0 else None
-                solution = self.generate(noise, solver, rows, times, guidance, interval)
+                solution = self.generate(noise, solver, rows, times, guidance, interval, watch)
                 yield solution.x.float().cpu(), solution
         finally:
             self.module.train(was_training)
@@ -265,6 +267,7 @@ class Generator:
         interval: tuple[float, float] | None = None,
         progress: Callable[[Tensor, Solution], None] | None = None,
         convert: Callable[[Tensor], Tensor] | None = None,
+        watch: Callable[[int], None] | None = None,
     ) -> Samples:
         """`num_samples` images from noise seeded by `seed`, with NFE and timing.
 
@@ -277,7 +280,8 @@ class Generator:
             trajectory: K >= 2 keeps K states of the first batch, from noise to image.
             guidance: classifier-free guidance weight w (1: none); `interval` limits it to
                 times lo <= t <= hi (unset: the model's).
-            progress: called with each batch's images and Solution as it is done.
+            progress: called with each batch's images and Solution as it is done; `watch`,
+                with the batch's running NFE after every network evaluation.
             convert: applied to each batch's images before they are kept (`fmkit.pixels.
                 to_uint8` keeps a quarter of the memory: 50,000 evaluation samples).
         """
@@ -287,7 +291,7 @@ class Generator:
         images, nfe, kept, kept_times = [], [], None, None
         for x, solution in self.batches(
             num_samples, solver=solver, batch_size=batch_size, seed=seed, cond=cond,
-            trajectory=trajectory, guidance=guidance, interval=interval,
+            trajectory=trajectory, guidance=guidance, interval=interval, watch=watch,
         ):  # fmt: skip
             images.append(x if convert is None else convert(x))
             nfe.append(solution.nfe)

@@ -3,6 +3,8 @@ count of network evaluations every sampler reports."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -22,25 +24,33 @@ class GuidedModel:
     """
 
     def __init__(
-        self, module: nn.Module, guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0)
+        self,
+        module: nn.Module,
+        guidance: float = 1.0,
+        interval: tuple[float, float] = (0.0, 1.0),
+        watch: Callable[[int], None] | None = None,
     ) -> None:
         self.module, self.guidance, self.interval = module, guidance, interval
         self.nfe = 0
+        self.watch = watch  # hears the running NFE after each evaluation (progress bars)
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         w = self.guidance
         # Guidance needs a condition to leave out: a second time "r" alone is not one.
         if cond is None or w == 1.0 or not condition_keys(cond) or not self._inside(t):
-            self.nfe += 1
-            return call_model(self.module, x, t, cond)
+            return self._counted(1, call_model(self.module, x, t, cond))
         free = unconditional(cond)
         if w == 0.0:
-            self.nfe += 1
-            return call_model(self.module, x, t, free)
+            return self._counted(1, call_model(self.module, x, t, free))
         both = {k: torch.cat([cond[k], free[k]]) for k in cond}
         v_c, v_u = call_model(self.module, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        self.nfe += 2
-        return v_u + w * (v_c - v_u)
+        return self._counted(2, v_u + w * (v_c - v_u))
+
+    def _counted(self, evaluations: int, v: Tensor) -> Tensor:
+        self.nfe += evaluations
+        if self.watch is not None:
+            self.watch(self.nfe)
+        return v
 
     def _inside(self, t: Tensor) -> bool:
         lo, hi = self.interval

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ BACKEND_MODE = (
 # How images reach the network: torch-fidelity's port resizes like TensorFlow 1 did.
 RESIZE = "uint8 images, bilinear resize to 299x299 as TensorFlow 1 does (torch-fidelity)"
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+OFFICIAL_SHA256_PREFIX = WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]  # torch hub's naming
 WEIGHTS_ENV = "FMKIT_INCEPTION_WEIGHTS"
 
 
@@ -39,7 +41,7 @@ class Inception:
     """The feature network and what identifies its weights (part of every cache key)."""
 
     model: torch.nn.Module
-    weights_id: str  # "official" or the MD5 of a local weights file
+    weights_id: str  # "official", or "sha256:" and the start of another weights file's digest
     device: torch.device
 
 
@@ -68,7 +70,7 @@ def load_inception(weights: Path | None = None, device: torch.device | str = "cp
             raise FmkitError(
                 f"{weights} is not a plain Inception state dict ({type(exc).__name__})"
             ) from None
-        weights_id = hashlib.md5(weights.read_bytes(), usedforsecurity=False).hexdigest()[:12]
+        weights_id = _identify(weights)
     else:
         if not hub_file.is_file() and os.environ.get("FMKIT_OFFLINE"):
             raise FmkitError(f"no Inception weights and FMKIT_OFFLINE is set; {help_line}")
@@ -86,6 +88,22 @@ def load_inception(weights: Path | None = None, device: torch.device | str = "cp
             f"could not load the Inception weights ({type(exc).__name__}); {help_line}"
         ) from None
     return Inception(model, weights_id, device)
+
+
+def _identify(weights: Path) -> str:
+    """ "official" for a copy of torch-fidelity's file (its name carries the first 8 hex digits
+    of its SHA-256, as torch hub files do), else "sha256:" and the first 12 of the file's, said
+    aloud: scores made with other weights compare only with scores made with the same file."""
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest.startswith(OFFICIAL_SHA256_PREFIX):
+        return "official"
+    print(
+        f"note: the Inception weights {weights} (SHA-256 {digest[:12]}...) are not torch-fidelity's "
+        f"official file ({OFFICIAL_SHA256_PREFIX}...); FID, KID and precision/recall compare only "
+        "with scores made with the same file (the record names it)",
+        file=sys.stderr,
+    )
+    return f"sha256:{digest[:12]}"
 
 
 @torch.no_grad()

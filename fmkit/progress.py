@@ -111,3 +111,48 @@ def startup_lines(
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
+
+
+class SamplingBar:
+    """Progress of sampling, by image, with the running NFE of the batch in flight (an
+    adaptive solver can spend minutes on one batch): pass `watch` as `Generator.sample`'s or
+    `generate`'s `watch`, and `update(n)` when a batch is done. Drawn only on a terminal
+    unless `enabled` says otherwise.
+
+    Args:
+        total: images (or pairs) in all.
+        desc: what is being made ("sampling", "reflow pairs").
+        unit: tqdm's unit.
+        done: already made (a resumed reflow).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "img",
+        done: int = 0,
+        enabled: bool | None = None,
+        leave: bool = True,
+    ) -> None:
+        self.bar = tqdm(
+            total=total, initial=done, desc=desc, unit=unit, leave=leave,
+            disable=None if enabled is None else not enabled,
+        )  # fmt: skip
+        self.last_draw = 0.0
+
+    def watch(self, nfe: int) -> None:
+        self.bar.set_postfix(nfe=nfe, refresh=False)
+        now = time.monotonic()
+        if now - self.last_draw >= REFRESH_S:  # redraw at most once a second
+            self.last_draw = now
+            self.bar.refresh()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def __enter__(self) -> SamplingBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

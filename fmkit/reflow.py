@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fmkit.conditions import condition_kind
 from fmkit.errors import FmkitError
@@ -32,6 +31,7 @@ from fmkit.folders import Claim, FolderKind, claim, json_file, write_json
 from fmkit.generator import Generator
 from fmkit.pixels import to_uint8
 from fmkit.prepared import META, pair_noise
+from fmkit.progress import SamplingBar
 
 PAIRS = "pairs.json"
 
@@ -116,21 +116,21 @@ def write_pairs(
     if states is not None:  # balanced over the kind's states (a class: each in turn)
         labels = states[torch.arange(num_pairs) % len(states)].numpy()
         np.save(out / "labels.npy", labels)
-    with tqdm(
-        total=num_pairs, initial=done, desc="reflow pairs", unit="pair", disable=not progress
-    ) as bar:
+    with SamplingBar(num_pairs, "reflow pairs", "pair", done, enabled=progress) as bar:
         while done < num_pairs:
             stop = min(done + batch_size, num_pairs)
             noise = pair_noise(pair_seeds(seed, done, stop), (spec.channels, *shape[:2]))
             cond = None
             if labels is not None:
                 cond = {condition.kind: torch.from_numpy(labels[done:stop]).to(teacher.device)}
-            x = teacher.generate(noise, solver, cond, guidance=guidance, interval=interval).x
+            x = teacher.generate(
+                noise, solver, cond, guidance=guidance, interval=interval, watch=bar.watch
+            ).x
             images[done:stop] = to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
             images.flush()  # the pixels are on disk before the count that covers them
+            bar.update(stop - done)
             done = stop
             write_json(out / PAIRS, {**record, "done": done})
-            bar.update(stop - bar.n)
     del images
     meta = {
         "count": num_pairs,

@@ -11,6 +11,7 @@ from torchvision.utils import save_image
 from fmkit.folders import FolderKind, claim
 from fmkit.generator import Generator
 from fmkit.pixels import to_unit
+from fmkit.progress import SamplingBar
 from fmkit.solver import Solver
 from fmkit.visualize import trajectory_strip, visualize_samples
 
@@ -45,16 +46,19 @@ def sample_to_dir(
     batches = (num_samples + batch_size - 1) // batch_size
     done = []
 
-    def progress(x, solution) -> None:
-        if not done:  # the first batch worked: now the folder is written
-            folder.add(*names)
-        done.append(len(x))
-        log(f"batch {len(done)}/{batches}: {len(x)} images, NFE {solution.nfe}")
+    with SamplingBar(num_samples, "sampling") as bar:  # within a batch too: its NFE
 
-    samples = generator.sample(
-        num_samples, cond, solver, seed=seed, batch_size=batch_size, trajectory=trajectory,
-        guidance=guidance, interval=interval, progress=progress,
-    )  # fmt: skip
+        def progress(x, solution) -> None:
+            if not done:  # the first batch worked: now the folder is written
+                folder.add(*names)
+            done.append(len(x))
+            bar.update(len(x))
+            log(f"batch {len(done)}/{batches}: {len(x)} images, NFE {solution.nfe}")
+
+        samples = generator.sample(
+            num_samples, cond, solver, seed=seed, batch_size=batch_size, trajectory=trajectory,
+            guidance=guidance, interval=interval, progress=progress, watch=bar.watch,
+        )  # fmt: skip
     if trajectory >= 2:
         trajectory_strip(samples.trajectory, out / "trajectory.png")
     visualize_samples(samples.images, out / "grid.png", nrow=max(1, int(num_samples**0.5)))

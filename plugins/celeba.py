@@ -104,6 +104,14 @@ def prepare_files(
     images_ready = (folder / IMAGES_DIR).is_dir()
     needed = [f for f in FILES if not (images_ready and f.name.endswith(".zip"))]
     missing = [f for f in needed if not _valid(folder / f.name, f.md5)]
+    for spec in missing:  # present but not the official file: a user's, never overwritten
+        if (folder / spec.name).is_file():
+            raise FmkitError(
+                f"{folder / spec.name} is not the official {spec.name}: its MD5 is "
+                f"{md5sum(folder / spec.name)}, the official one {spec.md5}; replace it with "
+                "the file from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html, or remove it "
+                "to download it"
+            )
     if missing and not download_missing:
         raise FmkitError(_manual_help(folder, "downloading is turned off (download=False)"))
     if missing:

@@ -90,7 +90,9 @@ def benchmark(name: str):
     return importlib.import_module(name)
 
 
-STARTUP = ("model: ", "data: ", "device: ", "output: ", "resumed from ")  # fmkit.progress
+# Lines that may precede an error without being part of it: a run's start-up summary
+# (fmkit.progress) and notes ("note: ..."), which say something true that is not a mistake.
+STARTUP = ("model: ", "data: ", "device: ", "output: ", "resumed from ", "note: ")
 
 
 def one_line_error(result) -> str:
@@ -98,8 +100,7 @@ def one_line_error(result) -> str:
     output = result.output if hasattr(result, "output") else result
     assert result.exit_code != 0, output
     assert "Traceback" not in output, output
-    # Progress-bar lines (tqdm, "%|") and a run's start-up summary may precede the error;
-    # they are not error output.
+    # Progress-bar lines (tqdm, "%|") and STARTUP lines may precede the error.
     lines = [
         line
         for line in output.splitlines()

@@ -208,6 +208,21 @@ def test_md5_mismatch_through_celeba_names_the_files_to_place(tmp_path, server):
     assert not (tmp_path / "celeba" / "list_attr_celeba.txt").exists()
 
 
+def test_a_hand_placed_file_that_is_not_the_official_one_is_named_and_kept(tmp_path, server):
+    folder = tmp_path / "celeba"
+    folder.mkdir()
+    (folder / "list_eval_partition.txt").write_bytes(b"my own partition\n")
+    with pytest.raises(FmkitError) as err:
+        build_dataset("celeba", str(tmp_path), 8, options={"mirror_url": server.url})
+    wrong = hashlib.md5(b"my own partition\n").hexdigest()
+    assert str(err.value).startswith(
+        f"{folder / 'list_eval_partition.txt'} is not the official list_eval_partition.txt: "
+        f"its MD5 is {wrong}"
+    )
+    assert (folder / "list_eval_partition.txt").read_bytes() == b"my own partition\n"
+    assert server.requests == []  # refused before anything was downloaded
+
+
 def test_no_network_says_where_to_put_the_files(tmp_path, server, run_cli):
     server.close()
     dead = server.url  # nothing listens there any more

@@ -1,8 +1,10 @@
 """FID / KID / sweep / bits-per-dim on real code paths, offline: the Inception weights file is
 written by the test in torch-fidelity's own format, with random initialisation."""
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +128,15 @@ def test_eval_fid_and_sweep_from_the_cli(weights, faces, tmp_path, run_cli):
     assert record["reference"]["dataset"] == "folder" and record["reference"]["image_size"] == 16
     assert (
         record["backend"].startswith("torch-fidelity") and record["mode"] == "inception-v3-compat"
+    )
+    # Weights that are not the official file are said to be so, and the record names them.
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    assert record["inception"]["weights"] == f"sha256:{digest[:12]}"
+    assert f"(SHA-256 {digest[:12]}...) are not torch-fidelity's official file" in result.output
+    # The text names the solver's settings and the reference as a user would type them.
+    assert (
+        "12 samples, euler:3, mean NFE 3.0" in line
+        and "reference folder train at 16px" in line
     )
     # The cached file can be passed back as --reference-stats.
     stats = record["reference"]["stats_file"]

@@ -149,6 +149,23 @@ def test_the_start_up_summary_says_what_will_run(tmp_path, faces, run_cli):
         "warm-up steps" in result.output  # fmt: skip
 
 
+def test_the_bar_says_what_it_does_and_adaptive_sampling_reports_its_nfe_as_it_goes(
+    tmp_path, faces, run_cli
+):
+    run = tmp_path / "run"
+    args = train_args(faces, run, "--max-steps", 2, "--save-every-steps", 1, "--log-every", 50)
+    result = run_cli(*args)
+    assert "saving checkpoint_step_1.safetensors..." in result.output
+    assert "drawing final_samples_grid.png..." in result.output
+    assert "loss=" in result.output  # from the first step, long before --log-every's 50th
+    assert steps_logged(run) == [2]  # and metrics.jsonl ends with the last step
+    seen = []
+    samples = Generator.load(run).sample(3, solver="dopri5", batch_size=2, watch=seen.append)
+    # Every evaluation of both batches is heard, counting up within each batch.
+    assert len(seen) == sum(samples.nfe) and seen[0] == 1
+    assert seen[samples.nfe[0] - 1] == samples.nfe[0] and seen[-1] == samples.nfe[1]
+
+
 def test_a_relative_data_dir_is_recorded_so_the_run_works_from_anywhere(
     tmp_path, faces, run_cli, monkeypatch
 ):

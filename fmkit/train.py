@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,13 @@ class Run:
         if info.enabled:  # gradients are averaged over ranks during backward
             trained = self.ddp = DistributedDataParallel(
                 model, device_ids=[device.index] if cuda else None
+            )
+            # In channels_last, a 1x1 convolution's weight (O, I, 1, 1) has two valid layouts
+            # that differ only in the strides of its size-1 dimensions; autograd may hand DDP
+            # the other one, and DDP then copies it into its bucket (what it does anyway for a
+            # gradient freed each step) and warns once per rank. Nothing is wrong: not shown.
+            warnings.filterwarnings(
+                "ignore", message="Grad strides do not match bucket view strides"
             )
         if cfg.compile:
             trained = torch.compile(trained)

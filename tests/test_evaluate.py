@@ -134,10 +134,7 @@ def test_eval_fid_and_sweep_from_the_cli(weights, faces, tmp_path, run_cli):
     assert record["inception"]["weights"] == f"sha256:{digest[:12]}"
     assert f"(SHA-256 {digest[:12]}...) are not torch-fidelity's official file" in result.output
     # The text names the solver's settings and the reference as a user would type them.
-    assert (
-        "12 samples, euler:3, mean NFE 3.0" in line
-        and "reference folder train at 16px" in line
-    )
+    assert "12 samples, euler:3, mean NFE 3.0" in line and "reference folder train at 16px" in line
     # The cached file can be passed back as --reference-stats.
     stats = record["reference"]["stats_file"]
     again = run_cli(

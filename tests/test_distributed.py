@@ -303,3 +303,46 @@ def test_flips_are_drawn_per_image_so_two_processes_match_one(tmp_path):
     ref, _ = weights(tmp_path / "one" / "checkpoint_final.safetensors")
     other, _ = weights(tmp_path / "off" / "checkpoint_final.safetensors")
     assert off.returncode == 0 and any(not torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path, faces):
+    """SIGTERM to rank 1 alone (rank 0 never sees it): both finish the same step, rank 0 saves
+    and says how to resume, and the resumed run on two processes ends where a whole one does."""
+    import signal
+    import time
+
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "-m", "fmkit"]  # fmt: skip
+    args = [*launcher, *map(str, train_args(faces, run, "--max-steps", 100000))]
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=env({"PYTHONUNBUFFERED": "1"}))  # fmt: skip
+    deadline = time.monotonic() + 180
+    while (
+        not (run / "metrics.jsonl").exists()
+        or len((run / "metrics.jsonl").read_text().splitlines()) < 2
+    ):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.1)
+    children = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+
+    def rank(pid):
+        variables = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        return dict(v.split(b"=", 1) for v in variables if b"=" in v).get(b"RANK")
+
+    (rank1,) = [int(pid) for pid in children.stdout.split() if rank(pid) == b"1"]
+    os.kill(rank1, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=180)
+    assert job.returncode != 0
+    steps = [int(line.split('"step": ')[1].split(",")[0])
+             for line in (run / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    step = steps[-1]
+    assert steps == list(range(1, step + 1))
+    assert f"stopped by SIGTERM after step {step}; saved {run}/checkpoint_step_{step}." in stderr
+    resumed = fmkit("train", "--output", run, "--resume", "--max-steps", step + 1, procs=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_close(
+        trained(faces, whole, "--max-steps", step + 1, procs=2),
+        weights(run / "checkpoint_final.safetensors")[0],
+        exact=True,
+    )

@@ -181,6 +181,13 @@ def test_a_relative_data_dir_is_recorded_so_the_run_works_from_anywhere(
     result = run_cli("eval", "nll", "--checkpoint", run, "--num-images", 2, "--batch-size", 2,
                      "--solver-opt", "rtol=1e-2", "--solver-opt", "atol=1e-2")  # fmt: skip
     assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["solver"] == "dopri5:atol=0.01:rtol=0.01"  # as typed, not a class name
+
+
+def test_show_tells_the_steps_commands_use(run_cli):
+    shown = run_cli("show", "solvers", "ab2").output
+    assert "steps: int = 20" in shown
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])

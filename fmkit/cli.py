@@ -22,6 +22,7 @@ from fmkit.options import check_options, describe_options, parse_options
 from fmkit.plugins import KINDS, add_commands, list_plugins, registry
 from fmkit.prepared import PREPARED, write_array
 from fmkit.registry import unknown_name_message
+from fmkit.run_folder import resumed_config
 from fmkit.train import train
 
 
@@ -157,7 +158,7 @@ def train_command(ctx: click.Context, config_file: Path | None, resume: bool, **
     """
     for name in [n for n in flags if n.endswith("_opts")]:
         flags[name] = parse_options(flags[name], f"--{name[: -len('_opts')]}-opt")
-    settle = config.resume if resume else config.resolve  # a resumed run keeps its settings
+    settle = resumed_config if resume else config.resolve  # a resumed run keeps its settings
     final = train(settle(flags, given(ctx), config_file), resume=resume, progress=True)
     if from_environment().is_main:
         click.echo(f"final checkpoint: {final}")

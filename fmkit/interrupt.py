@@ -4,9 +4,11 @@ once."""
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
 from fmkit.errors import FmkitError
@@ -22,6 +24,18 @@ class Interrupted(FmkitError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+    @classmethod
+    def after(cls, signum: int, step: int, saved: Path, run: Path, torchrun: bool) -> Interrupted:
+        """What stopped the run, the checkpoint that holds it, and the command that goes on."""
+        command = f"fmkit train --output {shlex.quote(str(run))} --resume"
+        if torchrun:
+            command = f"torchrun (the same arguments) -m {command}"
+        return cls(
+            f"stopped by {SIGNALS.get(signum, signum)} after step {step}; saved {saved}; "
+            f"continue with: {command}",
+            signum,
+        )
 
 
 class StopRequests:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from fmkit.errors import FmkitError
+
 
 def learning_rate(
     step: int, base: float, warmup: int, total: int | None, schedule: str = "constant"
@@ -25,3 +27,17 @@ def learning_rate(
     if schedule == "linear":
         return base * (1.0 - progress)
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def total_steps(cfg, steps_per_epoch: int | None) -> int | None:
+    """A run's last step: --max-steps, else its epochs' steps (None for data of unknown
+    length, e.g. shards); a decay that cannot be placed is an error, raised before any work."""
+    total = cfg.max_steps
+    if total is None and steps_per_epoch is not None:
+        total = steps_per_epoch * cfg.epochs
+    if total is None and cfg.lr_schedule != "constant":
+        raise FmkitError(
+            f"--lr-schedule {cfg.lr_schedule} decays to 0 at the last step, and the length of "
+            f"dataset '{cfg.dataset}' is unknown: set --max-steps"
+        )
+    return total

@@ -11,6 +11,9 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from fmkit.batch import DataSpec
+from fmkit.config import TrainConfig
+
 REFRESH_S = 1.0  # how often the bar reads the loss: one host-device synchronisation a second
 
 
@@ -66,46 +69,44 @@ class TrainingBar:
 
 
 def startup_lines(
+    cfg: TrainConfig,
+    data: DataSpec,
     *,
-    backbone: str,
     parameters: int,
-    objective: str,
-    path: str,
-    dataset: str,
-    images: int | None,
-    image_size: int,
-    condition: str,
     device: torch.device,
-    precision: str,
-    compile: bool,
+    bf16: bool,
     processes: int,
-    batch: int,
     micro_batch: int,
-    grad_accum: int,
+    images: int | None,
     steps_per_epoch: int | None,
     total: int | None,
-    lr: str,
-    output: str,
     resumed_at: int,
 ) -> list[str]:
     """The lines a run prints before its first step: what trains on what, where and how long,
-    and where it writes."""
+    and where it writes. `images` and `steps_per_epoch` are None for data of unknown length."""
     where = str(device)
     if device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
     size = "unknown size" if images is None else f"{images:,} images"
-    cond = "" if condition == "none" else f", conditioned on {condition}"
-    per = f"{processes} process{'es' if processes > 1 else ''} x {grad_accum} x {micro_batch}"
+    kind = data.condition.kind
+    cond = "" if kind == "none" else f", conditioned on {kind}"
+    per = f"{processes} process{'es' if processes > 1 else ''} x {cfg.grad_accum} x {micro_batch}"
     epoch = "" if steps_per_epoch is None else f"{steps_per_epoch:,} steps per epoch, "
     length = "until the data ends" if total is None else f"{total:,} step{'s' * (total != 1)}"
     start = f", resuming at step {resumed_at:,}" if resumed_at else ""
+    lr = f"{cfg.lr:g}"
+    if cfg.warmup_steps:
+        lr += f" after {cfg.warmup_steps:,} warm-up steps"
+    if cfg.lr_schedule != "constant":
+        lr += f", {cfg.lr_schedule} decay to 0"
     return [
-        f"model: {backbone} ({_count(parameters)} parameters), {objective} on the {path} "
-        f"path{cond}",
-        f"data: {dataset}, {size} at {image_size}x{image_size}; {epoch}{length}{start}",
-        f"device: {where}, {precision}, compile {'on' if compile else 'off'}; batch {batch} "
-        f"({per}); lr {lr}",
-        f"output: {output}",
+        f"model: {cfg.backbone} ({_count(parameters)} parameters), {cfg.objective} on the "
+        f"{cfg.path} path{cond}",
+        f"data: {cfg.dataset}, {size} at {data.image_size}x{data.image_size}; {epoch}{length}"
+        f"{start}",
+        f"device: {where}, {'bf16' if bf16 else 'fp32'}, compile {'on' if cfg.compile else 'off'}; "
+        f"batch {cfg.batch_size} ({per}); lr {lr}",
+        f"output: {cfg.output}",
     ]
 
 

@@ -4,7 +4,6 @@ actions, final save); the objective it optimises is a plugin it never looks insi
 from __future__ import annotations
 
 import contextlib
-import shlex
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,18 +22,19 @@ from fmkit.config import TrainConfig, objective_options
 from fmkit.data import TrainingData
 from fmkit.device import choose, resolve_device
 from fmkit.errors import FmkitError
-from fmkit.folders import FolderKind, claim, json_file, write_json
+from fmkit.folders import write_json
 from fmkit.generator import Generator, ModelSpec, build_backbone, init_from
-from fmkit.interrupt import SIGNALS, Interrupted, StopRequests
+from fmkit.interrupt import Interrupted, StopRequests
 from fmkit.logs import RunLog, check_logger
-from fmkit.lr import learning_rate
+from fmkit.lr import learning_rate, total_steps
 from fmkit.nonfinite import NonFinite
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
 from fmkit.plugins import component_info, registry
 from fmkit.progress import TrainingBar, startup_lines
+from fmkit.run_folder import claim_run
 from fmkit.state import EMA, TrainState
-from fmkit.visualize import grid_layout, visualize_samples
+from fmkit.visualize import training_grid
 
 __all__ = ["train"]
 
@@ -95,14 +95,7 @@ class Run:
             self.cfg, self.info, self.device, self.micro_batch, self.progress
         )
         self.data = self.training.spec
-        self.total = self.cfg.max_steps
-        if self.total is None and self.training.steps_per_epoch is not None:
-            self.total = self.training.steps_per_epoch * self.cfg.epochs
-        if self.total is None and self.cfg.lr_schedule != "constant":
-            raise FmkitError(
-                f"--lr-schedule {self.cfg.lr_schedule} decays to 0 at the last step, and the "
-                f"length of dataset '{self.cfg.dataset}' is unknown: set --max-steps"
-            )
+        self.total = total_steps(self.cfg, self.training.steps_per_epoch)
         self.build_model()
         if resume:
             self.resume()
@@ -122,20 +115,7 @@ class Run:
 
     def check(self, resume: bool) -> None:
         cfg, info = self.cfg, self.info
-        self.folder = claim(self.out, RUN)
-        saved = self.folder.ours and any(self.out.glob("checkpoint_*.safetensors"))
-        if resume and not saved:
-            where = "does not exist" if not self.out.exists() else "holds no checkpoint"
-            raise FmkitError(
-                f"--resume: {self.out} {where}, so there is nothing to continue; check --output, "
-                "or drop --resume to start a new run"
-            )
-        if not resume and saved:
-            # Never overwrite an earlier run's checkpoints by accident.
-            raise FmkitError(
-                f"{self.out} already holds checkpoints; pass --resume to continue that run, "
-                "or choose another --output"
-            )
+        self.folder = claim_run(self.out, resume)
         if cfg.batch_size % (info.world_size * cfg.grad_accum):
             raise FmkitError(
                 f"--batch-size {cfg.batch_size} is the global batch; it must divide evenly over "
@@ -235,38 +215,16 @@ class Run:
 
     def summary(self) -> None:
         """What is about to train, on what, where and for how long (rank 0)."""
-        cfg = self.cfg
-        if not (self.progress and self.info.is_main):
-            return
-        lr = f"{cfg.lr:g}"
-        if cfg.warmup_steps:
-            lr += f" after {cfg.warmup_steps:,} warm-up steps"
-        if cfg.lr_schedule != "constant":
-            lr += f", {cfg.lr_schedule} decay to 0"
-        dataset = self.training.dataset
-        lines = startup_lines(
-            backbone=cfg.backbone,
-            parameters=self.parameter_count,
-            objective=cfg.objective,
-            path=cfg.path,
-            dataset=cfg.dataset,
-            images=None if self.training.iterable else len(dataset),
-            image_size=self.data.image_size,
-            condition=self.data.condition.kind,
-            device=self.device,
-            precision="bf16" if self.bf16 else "fp32",
-            compile=cfg.compile,
-            processes=self.info.world_size,
-            batch=cfg.batch_size,
-            micro_batch=self.micro_batch,
-            grad_accum=cfg.grad_accum,
-            steps_per_epoch=self.training.steps_per_epoch,
-            total=self.total,
-            lr=lr,
-            output=str(self.out),
-            resumed_at=self.state.step,
-        )
-        print("\n".join(lines), flush=True)
+        if self.progress and self.info.is_main:
+            training = self.training
+            lines = startup_lines(
+                self.cfg, self.data, parameters=self.parameter_count, device=self.device,
+                bf16=self.bf16, processes=self.info.world_size, micro_batch=self.micro_batch,
+                images=None if training.iterable else len(training.dataset),
+                steps_per_epoch=training.steps_per_epoch, total=self.total,
+                resumed_at=self.state.step,
+            )  # fmt: skip
+            print("\n".join(lines), flush=True)
 
     # Train.
 
@@ -327,14 +285,7 @@ class Run:
             self.last_saved = self.save(f"step_{step}")
         self.close_outputs()
         signum = self.stop.signum or 15  # a rank that got no signal stops with the others
-        resume = f"fmkit train --output {shlex.quote(str(self.out))} --resume"
-        if self.info.enabled:
-            resume = f"torchrun (the same arguments) -m fmkit {resume[len('fmkit ') :]}"
-        raise Interrupted(
-            f"stopped by {SIGNALS.get(signum, signum)} after step {step}; saved "
-            f"{self.last_saved}; continue with: {resume}",
-            signum,
-        )
+        raise Interrupted.after(signum, step, self.last_saved, self.out, self.info.enabled)
 
     def finished(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
@@ -450,16 +401,9 @@ class Run:
         return self.bar.doing(what) if self.bar is not None else contextlib.nullcontext()
 
     def draw_grid(self, name: str) -> None:
-        cfg = self.cfg
         ema = Generator(self.spec, self.state.ema.model)
-        solver = ema.defaults.solver_for(steps=cfg.sample_steps).solver  # as the model samples
-        layout = grid_layout(self.data.condition, cfg.num_samples)
-        cond, count = layout.conditions(), cfg.num_samples
-        if cond is not None:  # one condition per row, captioned
-            cond, count = cond[:count], min(count, len(cond))
-            self.folder.path(f"{name}.txt").write_text(layout.captions())
-        samples = ema.sample(count, cond=cond, solver=solver, seed=cfg.seed, batch_size=count)
-        visualize_samples(samples.images, self.folder.path(f"{name}.png"), nrow=layout.columns)
+        paths = self.folder.path(f"{name}.png"), self.folder.path(f"{name}.txt")
+        training_grid(ema, self.cfg.num_samples, self.cfg.sample_steps, self.cfg.seed, *paths)
 
     def save(self, name: str) -> Path:
         """A checkpoint (collective: every rank takes part)."""
@@ -482,23 +426,3 @@ class Run:
 
 def due(every: int | None, count: int) -> bool:
     return every is not None and every > 0 and count % every == 0
-
-
-def _records_training(root: Path) -> bool:
-    """A training config.json, or checkpoints (a run whose config.json was lost)."""
-    has_config = json_file("config.json", ("backbone", "dataset"))
-    return any(root.glob("checkpoint_*.safetensors")) or has_config(root)
-
-
-# A run folder; those written before folders were marked are recognised by their files.
-RUN = FolderKind(
-    "run",
-    "a training run",
-    "fmkit train",
-    allowed=(
-        "config.json", "metrics.jsonl", ".metrics.jsonl.*.tmp", "tensorboard", "wandb",
-        "checkpoint_*.safetensors", ".checkpoint_*.tmp", "samples_*.png", "samples_*.txt",
-        "final_samples_grid.*",
-    ),
-    recognise=_records_training,
-)  # fmt: skip

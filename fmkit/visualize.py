@@ -64,3 +64,19 @@ def grid_layout(condition: Condition, num_samples: int) -> GridLayout:
     if states is not None and rows < len(states) <= num_samples:
         rows, columns = len(states), num_samples // len(states)
     return GridLayout(columns, kind.grid_rows(condition, rows))
+
+
+def training_grid(
+    generator, num_samples: int, steps: int | None, seed: int, png: Path, captions: Path
+) -> None:
+    """A training run's grid: `num_samples` images (laid out by `grid_layout`) from `seed`'s
+    noise with the model's own sampler (`steps` of it, unset: the model's), into `png`; a
+    conditional model's row captions into `captions`."""
+    solver = generator.defaults.solver_for(steps=steps).solver
+    layout = grid_layout(generator.data.condition, num_samples)
+    cond, count = layout.conditions(), num_samples
+    if cond is not None:  # one condition per row, captioned
+        cond, count = cond[:count], min(count, len(cond))
+        captions.write_text(layout.captions())
+    samples = generator.sample(count, cond=cond, solver=solver, seed=seed, batch_size=count)
+    visualize_samples(samples.images, png, nrow=layout.columns)

@@ -79,8 +79,8 @@ def plugins_command() -> None:
 def list_command(kind: str | None) -> None:
     """List registered components with a one-line description.
 
-    KIND is one of backbones, datasets, paths, solvers, objectives, conditions; all of them
-    when omitted.
+    KIND is one of backbones, datasets, paths, solvers, objectives, conditions, exporters,
+    metrics, spaces; all of them when omitted.
     """
     for name in [kind] if kind else list(KINDS):
         reg = registry(name)

@@ -58,7 +58,7 @@ SCHEDULES = ("constant", "cosine", "linear")  # fmkit.train.learning_rate
 
 # What a run recorded before a key existed ran as this value (not today's default, which may
 # differ): a resumed old run keeps training as it did.
-BEFORE_KEY = {"lr_schedule": "constant", "logger": "auto"}
+BEFORE_KEY = {"lr_schedule": "constant", "logger": "auto", "space": "pixels"}
 
 
 @dataclass
@@ -73,6 +73,12 @@ class TrainConfig:
     dataset_opts: dict = option({}, "Option for the dataset (see `fmkit show datasets NAME`).")
     path: str = option("linear", "Registered probability path (fmkit list paths).")
     path_opts: dict = option({}, "Option for the path (see `fmkit show paths NAME`).")
+    space: str = option(
+        "pixels",
+        "Where the model generates (fmkit list spaces): pixels, or patchify (space-to-depth; "
+        "--space-opt factor=2|4).",
+    )
+    space_opts: dict = option({}, "Option for the space (see `fmkit show spaces NAME`).")
     init_from: str | None = option(
         None,
         "Start from the EMA weights of this run directory, checkpoint or model folder (e.g. a "
@@ -399,6 +405,7 @@ def _model_defaults(values: dict, source: str) -> None:
         "image_size": spec.data.image_size,
         "channels": spec.data.channels,
         "condition": spec.data.condition.kind,
+        "space": spec.space,
     }
     for name, value in model.items():
         values.setdefault(name, value)
@@ -406,6 +413,8 @@ def _model_defaults(values: dict, source: str) -> None:
         values["backbone_opts"] = {**spec.backbone_opts, **values.get("backbone_opts", {})}
     if values["path"] == spec.path:
         values["path_opts"] = {**spec.path_opts, **values.get("path_opts", {})}
+    if values["space"] == spec.space:
+        values["space_opts"] = {**spec.space_opts, **values.get("space_opts", {})}
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

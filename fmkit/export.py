@@ -94,6 +94,16 @@ def export(generator: Generator, out: Path, name: str, options: dict | None = No
 # Helpers for exporters.
 
 
+def pixels_only(generator: Generator, format: str) -> None:
+    """Formats whose readers expect images straight from the network (the velocity of an
+    image, a diffusers pipeline) take models that generate in pixels only."""
+    if generator.spec.space != "pixels":
+        raise FmkitError(
+            f"export: --format {format} takes models that generate in pixels; this one "
+            f"generates in the space {generator.spec.space!r} (--format fmkit keeps it)"
+        )
+
+
 def check_inputs(generator: Generator, batch: int) -> list[tuple[Tensor, Tensor, Cond | None]]:
     """Batches of `batch` checking inputs: (batch, C, H, W) random states, (batch,) times over
     [0, 1] and conditions in which every state of the model's condition kind occurs (its
@@ -107,7 +117,8 @@ def check_inputs(generator: Generator, batch: int) -> list[tuple[Tensor, Tensor,
         labels = condition_kind(condition.kind).examples(condition, g)
     total = -(-len(labels) // batch) * batch  # whole batches
     labels = labels[torch.arange(total) % len(labels)]
-    x = torch.randn(total, data.channels, data.image_size, data.image_size, generator=g)
+    channels, size = generator.spec.model_shape()  # the velocity network's own inputs
+    x = torch.randn(total, channels, size, size, generator=g)
     t = torch.linspace(0, 1, total)
     batches = []
     for start in range(0, total, batch):

@@ -28,6 +28,7 @@ from fmkit.hub import locate
 from fmkit.objective import Objective, as_model
 from fmkit.sampling import Sampling
 from fmkit.solver import Solution, Solver
+from fmkit.space import Space
 from fmkit.spec import (  # noqa: F401 (the names this module has always offered)
     CONFIG,
     FORMAT,
@@ -79,6 +80,8 @@ class Generator:
         self.objective: Objective = build_objective(spec)
         #: how it samples unless asked otherwise (saved with the model; its objective's choice)
         self.defaults: Sampling = sampling_of(spec, self.objective)
+        #: where it generates: `generate` works there, `batches` and `sample` give images
+        self.space: Space = spec.build_space()
 
     # Building.
 
@@ -194,7 +197,8 @@ class Generator:
         interval: tuple[float, float] | None = None,
         watch: Callable[[int], None] | None = None,
     ) -> Solution:
-        """Integrate from given `noise` (B, C, H, W); states at `times` (default [0, 1]).
+        """Integrate from given `noise` (B, c, h, w), in the model's space (`space.encode`
+        of image-shaped noise); states at `times` (default [0, 1]), in that space too.
 
         `cond` is in fmkit.batch's form (see `encode`); `guidance` and `interval` as in
         GuidedModel (default: the model's). The NFE counts every network evaluation, guidance's
@@ -241,7 +245,7 @@ class Generator:
         try:
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
-                noise = torch.randn(n, *shape, generator=generator)
+                noise = self.space.encode(torch.randn(n, *shape, generator=generator))
                 rows = (
                     None
                     if cond is None
@@ -249,7 +253,7 @@ class Generator:
                 )
                 times = torch.linspace(0, 1, trajectory) if trajectory >= 2 and start == 0 else None
                 solution = self.generate(noise, solver, rows, times, guidance, interval, watch)
-                yield solution.x.float().cpu(), solution
+                yield self.space.decode(solution.x.float()).cpu(), solution
         finally:
             self.module.train(was_training)
 
@@ -298,7 +302,8 @@ class Generator:
             if progress is not None:
                 progress(x, solution)
             if kept is None and trajectory >= 2:
-                kept = solution.trajectory.float().cpu()
+                states = solution.trajectory.float()  # (K, B, c, h, w) in the model's space
+                kept = torch.stack([self.space.decode(state) for state in states]).cpu()
                 kept_times = torch.linspace(0, 1, len(kept), dtype=torch.float64)
                 if solution.times is not None:  # e.g. MeanFlow's jumps, whatever was asked
                     kept_times = solution.times.double().cpu()

@@ -50,5 +50,11 @@ def register_exporters(register):
 
 
 @hookspec
+def register_spaces(register):
+    """Register spaces a model can generate in: register(name, factory); factory(**options) ->
+    Space."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the fmkit click group `cli`."""

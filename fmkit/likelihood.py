@@ -5,6 +5,7 @@ for Hutchinson's trace estimator), as reported in bits/dim by Lipman et al. 2023
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -57,11 +58,14 @@ def dequantized_bits_per_dim(
     images: Tensor,
     solver: Solver,
     generator: torch.Generator | None = None,
+    encode: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """Negative log-likelihood in bits/dim of 8-bit images with uniform dequantisation.
 
     Args:
         images: (B, C, H, W) in [-1, 1], as fmkit datasets yield (k / 127.5 - 1 for pixel k).
+        encode: the model's lossless space (`Space.encode`, a permutation of the pixels, so
+            the density is unchanged); None for pixels.
 
     Returns:
         (B,) bits/dim of the discrete images (an upper bound, as usual), and the NFE.
@@ -69,7 +73,7 @@ def dequantized_bits_per_dim(
     pixels = to_uint8(images).to(images.dtype)  # the 8-bit values k
     noise = torch.rand(images.shape, generator=generator, device="cpu").to(images)
     x = (pixels + noise) / 128.0 - 1.0  # (k + u) / 256 mapped to [-1, 1)
-    logp, nfe = log_likelihood(velocity, x, solver, generator)
+    logp, nfe = log_likelihood(velocity, x if encode is None else encode(x), solver, generator)
     dims = images[0].numel()
     # Density of k + u on [0, 256)^D: p_x * (2 / 256)^D; bits/dim = -log2 of that / D.
     return (-logp / dims + math.log(128.0)) / math.log(2.0), nfe

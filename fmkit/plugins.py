@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.exporters",
     "fmkit_plugins.export_diffusers",
     "fmkit_plugins.metrics",
+    "fmkit_plugins.spaces",
 )
 
 
@@ -64,6 +65,7 @@ KINDS: dict[str, Kind] = {
     "conditions": Kind("condition kind", ()),
     "exporters": Kind("exporter", ()),
     "metrics": Kind("metric", ()),
+    "spaces": Kind("space", ()),
 }
 
 

@@ -99,9 +99,10 @@ def startup_lines(
         lr += f" after {cfg.warmup_steps:,} warm-up steps"
     if cfg.lr_schedule != "constant":
         lr += f", {cfg.lr_schedule} decay to 0"
+    space = "" if cfg.space == "pixels" else f", in the {cfg.space} space"
     return [
         f"model: {cfg.backbone} ({_count(parameters)} parameters), {cfg.objective} on the "
-        f"{cfg.path} path{cond}",
+        f"{cfg.path} path{cond}{space}",
         f"data: {cfg.dataset}, {size} at {data.image_size}x{data.image_size}; {epoch}{length}"
         f"{start}",
         f"device: {where}, {'bf16' if bf16 else 'fp32'}, compile {'on' if cfg.compile else 'off'}; "

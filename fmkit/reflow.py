@@ -123,9 +123,16 @@ def write_pairs(
             cond = None
             if labels is not None:
                 cond = {condition.kind: torch.from_numpy(labels[done:stop]).to(teacher.device)}
+            # The pair's noise stays image-shaped (what a lossless space encodes like its image).
             x = teacher.generate(
-                noise, solver, cond, guidance=guidance, interval=interval, watch=bar.watch
+                teacher.space.encode(noise),
+                solver,
+                cond,
+                guidance=guidance,
+                interval=interval,
+                watch=bar.watch,
             ).x
+            x = teacher.space.decode(x)
             images[done:stop] = to_uint8(x.cpu()).permute(0, 2, 3, 1).numpy()
             images.flush()  # the pixels are on disk before the count that covers them
             bar.update(stop - done)

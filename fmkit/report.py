@@ -73,6 +73,11 @@ def bits_per_dim(
     """Mean bits/dim of the first `num_images` items of a map-style dataset."""
     if not hasattr(data, "__len__"):
         raise FmkitError("bits/dim needs a map-style dataset (not WebDataset shards)")
+    if not generator.space.lossless:
+        raise FmkitError(
+            f"bits/dim needs a model in a lossless space; this one generates in the space "
+            f"{generator.spec.space!r}, whose likelihood is not the images'"
+        )
     count = min(num_images, len(data))
     rng = torch.Generator().manual_seed(seed)
     velocity = generator.velocity()
@@ -82,7 +87,7 @@ def bits_per_dim(
     for start in range(0, count, batch_size):
         batch = collate([data[i] for i in range(start, min(count, start + batch_size))])
         images = batch.images.to(generator.device)
-        bpd, nfe = dequantized_bits_per_dim(velocity, images, solver, rng)
+        bpd, nfe = dequantized_bits_per_dim(velocity, images, solver, rng, generator.space.encode)
         values.append(bpd.cpu())
         nfes.append(nfe)
         bar.update(len(images))

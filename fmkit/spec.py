@@ -12,6 +12,7 @@ A model folder (`Generator.save_pretrained` / `from_pretrained`, as diffusers' m
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from fmkit.errors import FmkitError
 from fmkit.folders import FolderKind, json_file
 from fmkit.objective import Objective
 from fmkit.sampling import Sampling
+from fmkit.space import Space, build_space
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 FORMAT = "fmkit-generator"
@@ -44,6 +46,8 @@ class ModelSpec:
         sampling: how it samples unless asked otherwise (None in specs written before
             sampling defaults were saved: its objective's).
         fmkit_version: the fmkit that wrote it (older ones may have had other defaults).
+        space, space_opts: where it generates (fmkit.space): the backbone sees and makes
+            what the space encodes images to; specs before spaces are "pixels".
     """
 
     backbone: str
@@ -56,6 +60,18 @@ class ModelSpec:
     components: dict = field(default_factory=dict)
     sampling: Sampling | None = None
     fmkit_version: str | None = None
+    space: str = "pixels"
+    space_opts: dict = field(default_factory=dict)
+
+    def build_space(self) -> Space:
+        return build_space(self.space, self.space_opts)
+
+    def model_shape(self) -> tuple[int, int]:
+        """(channels, side) of what the backbone sees and generates."""
+        try:
+            return self.build_space().shape(self.data.channels, self.data.image_size)
+        except ValueError as exc:
+            raise FmkitError(f"space '{self.space}': {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +85,8 @@ class ModelSpec:
             "components": self.components,
             "sampling": None if self.sampling is None else self.sampling.to_dict(),
             "fmkit_version": self.fmkit_version,
+            "space": self.space,
+            "space_opts": self.space_opts,
         }
 
     @classmethod
@@ -163,12 +181,13 @@ def build_backbone(spec: ModelSpec, source: str | None = None) -> nn.Module:
             f"backbone '{spec.backbone}' takes no conditions (its factory has no `data` "
             f"parameter), but the data is conditioned on {spec.data.condition.kind}"
         )
+    channels, size = spec.model_shape()  # the space's: pixels are the images' own
     return backbones.build(
         spec.backbone,
         {**_older_defaults(backbones.get(spec.backbone).factory, spec), **spec.backbone_opts},
-        image_size=spec.data.image_size,
-        channels=spec.data.channels,
-        data=spec.data,
+        image_size=size,
+        channels=channels,
+        data=dataclasses.replace(spec.data, channels=channels, image_size=size),
     )
 
 

@@ -133,6 +133,11 @@ class Run:
                 f"backbone '{cfg.backbone}' takes no conditions (its factory has no `data` "
                 f"parameter); train it with --condition none"
             )
+        self.space = registry("spaces").build(cfg.space, cfg.space_opts)
+        try:
+            self.space.shape(cfg.channels, cfg.image_size)  # the data may still say channels
+        except ValueError as exc:
+            raise FmkitError(f"space '{cfg.space}': {exc}") from None
         self.backbone_opts = backbone_options(
             self.objective, cfg.objective, cfg.backbone, cfg.backbone_opts
         )
@@ -169,11 +174,14 @@ class Run:
             path_opts=cfg.path_opts,
             sampling=self.objective.sampling(),
             fmkit_version=fmkit_version,
+            space=cfg.space,
+            space_opts=cfg.space_opts,
             components={
                 "backbone": component_info("backbones", cfg.backbone),
                 "dataset": component_info("datasets", cfg.dataset),
                 "path": component_info("paths", cfg.path),
                 "objective": component_info("objectives", cfg.objective),
+                "space": component_info("spaces", cfg.space),
             },
         )
         model = build_backbone(self.spec)
@@ -305,6 +313,7 @@ class Run:
                 batch = hflip(
                     batch, Draws(cfg.seed, state.step, cfg.batch_size, rows, self.device, "augment")
                 )
+            batch = batch.map(self.space.encode, lambda v: v)  # images (and paired noise)
             draws = Draws(cfg.seed, state.step, cfg.batch_size, rows, self.device)
             # Only the last micro-batch all-reduces. no_sync is asked of the DDP wrapper itself:
             # a compiled module does not expose it.

@@ -18,6 +18,7 @@ from fmkit.export import (
     check_inputs,
     conditions_text,
     labels_line,
+    pixels_only,
     readme_starts,
     relative,
     require,
@@ -47,6 +48,7 @@ class Diffusers(Exporter):
     )
 
     def write(self, generator: Generator, staging: Path) -> float:
+        pixels_only(generator, "diffusers")
         diffusers = require("diffusers")
         mapping = getattr(generator.module, "to_diffusers", None)
         if mapping is None:

@@ -16,6 +16,7 @@ from fmkit.export import (
     check_inputs,
     conditions_text,
     labels_line,
+    pixels_only,
     readme_starts,
     relative,
     require,
@@ -81,6 +82,7 @@ class Onnx(Exporter):
         self.batch_size = batch_size
 
     def write(self, generator: Generator, staging: Path) -> float:
+        pixels_only(generator, "onnx")
         require("onnx")
         require("onnxscript")  # torch's dynamo-based ONNX exporter is written with it
         ort = require("onnxruntime")

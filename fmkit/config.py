@@ -115,8 +115,9 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
     warmup_steps: int = option(0, "Linear learning-rate warm-up from 0 (0: none).", min=0)
     lr_schedule: str = option(
-        "constant",
-        "Learning rate after warm-up: constant, or cosine / linear decay to 0 at the last step.",
+        "cosine",
+        "Learning rate after warm-up: cosine or linear decay to 0 at the last step, or "
+        "constant (docs/benchmarks.md compares them).",
         choices=SCHEDULES,
     )
     grad_clip: float | None = option(

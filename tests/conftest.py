@@ -44,11 +44,13 @@ def faces(tmp_path):
 
 
 def train_args(faces, out, *extra):
-    """`fmkit train` on `faces` at 16x16, batch 4, with the tiny UNet and small grids."""
+    """`fmkit train` on `faces` at 16x16, batch 4, with the tiny UNet and small grids, at a
+    constant learning rate: tests stop a run with a small --max-steps and resume it with a
+    larger one, which moves where a decay ends (test_watched_run tries the schedules)."""
     return [
         "train", "--dataset", "folder", "--data-dir", faces, "--image-size", 16,
         "--batch-size", 4, "--num-samples", 4, "--sample-steps", 3, "--log-every", 1,
-        "--output", out, *TINY, *extra,
+        "--lr-schedule", "constant", "--output", out, *TINY, *extra,
     ]  # fmt: skip
 
 

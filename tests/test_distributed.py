@@ -80,6 +80,8 @@ def train_args(faces, out, *extra):
         # a fixed, small lr keeps the 1-vs-2-process comparison at float tolerance.
         "--lr",
         "1e-4",
+        "--lr-schedule",  # resumed runs here get a new --max-steps: no decay to move
+        "constant",
         "--output",
         out,
         *TINY,

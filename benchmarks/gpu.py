@@ -206,7 +206,9 @@ def stage_torchrun(cfg, work, device, data, results, rows) -> None:
         args = ["train", "--dataset", "prepared", "--data-dir", data]
         args += ["--image-size", cfg["image_size"], "--batch-size", 16, "--max-steps", steps]
         args += ["--save-every-steps", 3, "--num-samples", 4, "--sample-steps", 2]
-        args += ["--device", device.type, "--output", out, *extra]
+        # A constant rate: the split run stops at 3 and resumes to 6, where a decay would end
+        # at another step than the uninterrupted run's.
+        args += ["--lr-schedule", "constant", "--device", device.type, "--output", out, *extra]
         for opt in cfg["small_unet"]:
             args += ["--backbone-opt", opt]
         return run([*launcher, "--nproc-per-node", "1", "-m", "fmkit", *map(str, args)])

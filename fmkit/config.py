@@ -114,10 +114,11 @@ class TrainConfig:
     lr: float = option(3e-4, "AdamW learning rate after warm-up.", min=0, min_open=True)
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0)
     warmup_steps: int = option(0, "Linear learning-rate warm-up from 0 (0: none).", min=0)
-    lr_schedule: str = option(
-        "cosine",
+    lr_schedule: str | None = option(
+        None,
         "Learning rate after warm-up: cosine or linear decay to 0 at the last step, or "
-        "constant (docs/benchmarks.md compares them).",
+        "constant [default: cosine when the run's length is known (--max-steps, or data of "
+        "known size), else constant; docs/benchmarks.md compares them].",
         choices=SCHEDULES,
     )
     grad_clip: float | None = option(

@@ -29,15 +29,21 @@ def learning_rate(
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
-def total_steps(cfg, steps_per_epoch: int | None) -> int | None:
-    """A run's last step: --max-steps, else its epochs' steps (None for data of unknown
-    length, e.g. shards); a decay that cannot be placed is an error, raised before any work."""
+DEFAULT = "cosine"  # when the run's length is known (docs/benchmarks.md, two budgets)
+
+
+def plan(cfg, steps_per_epoch: int | None) -> tuple[int | None, str]:
+    """A run's last step and its schedule: --max-steps, else its epochs' steps (None for data
+    of unknown length, e.g. shards); --lr-schedule, else cosine when the length is known and
+    constant when it is not. A decay asked for that cannot be placed is an error, raised
+    before any work."""
     total = cfg.max_steps
     if total is None and steps_per_epoch is not None:
         total = steps_per_epoch * cfg.epochs
-    if total is None and cfg.lr_schedule != "constant":
+    schedule = cfg.lr_schedule or (DEFAULT if total is not None else "constant")
+    if total is None and schedule != "constant":
         raise FmkitError(
-            f"--lr-schedule {cfg.lr_schedule} decays to 0 at the last step, and the length of "
+            f"--lr-schedule {schedule} decays to 0 at the last step, and the length of "
             f"dataset '{cfg.dataset}' is unknown: set --max-steps"
         )
-    return total
+    return total, schedule

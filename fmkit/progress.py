@@ -80,6 +80,7 @@ def startup_lines(
     images: int | None,
     steps_per_epoch: int | None,
     total: int | None,
+    schedule: str,
     resumed_at: int,
 ) -> list[str]:
     """The lines a run prints before its first step: what trains on what, where and how long,
@@ -97,8 +98,7 @@ def startup_lines(
     lr = f"{cfg.lr:g}"
     if cfg.warmup_steps:
         lr += f" after {cfg.warmup_steps:,} warm-up steps"
-    if cfg.lr_schedule != "constant":
-        lr += f", {cfg.lr_schedule} decay to 0"
+    lr += ", constant" if schedule == "constant" else f", {schedule} decay to 0"
     space = "" if cfg.space == "pixels" else f", in the {cfg.space} space"
     return [
         f"model: {cfg.backbone} ({_count(parameters)} parameters), {cfg.objective} on the "

@@ -26,7 +26,7 @@ from fmkit.folders import write_json
 from fmkit.generator import Generator, ModelSpec, build_backbone, init_from
 from fmkit.interrupt import Interrupted, StopRequests
 from fmkit.logs import RunLog, check_logger
-from fmkit.lr import learning_rate, total_steps
+from fmkit.lr import learning_rate, plan
 from fmkit.nonfinite import NonFinite
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
@@ -95,7 +95,7 @@ class Run:
             self.cfg, self.info, self.device, self.micro_batch, self.progress
         )
         self.data = self.training.spec
-        self.total = total_steps(self.cfg, self.training.steps_per_epoch)
+        self.total, self.schedule = plan(self.cfg, self.training.steps_per_epoch)
         self.build_model()
         if resume:
             self.resume()
@@ -230,6 +230,7 @@ class Run:
                 bf16=self.bf16, processes=self.info.world_size, micro_batch=self.micro_batch,
                 images=None if training.iterable else len(training.dataset),
                 steps_per_epoch=training.steps_per_epoch, total=self.total,
+                schedule=self.schedule,
                 resumed_at=self.state.step,
             )  # fmt: skip
             print("\n".join(lines), flush=True)
@@ -337,7 +338,7 @@ class Run:
         )
         # Gradients are averaged over ranks, so a non-finite one stops every rank alike.
         self.bad.record(state.step + 1, loss_sum, grad_norm)
-        lr = learning_rate(state.step + 1, cfg.lr, cfg.warmup_steps, self.total, cfg.lr_schedule)
+        lr = learning_rate(state.step + 1, cfg.lr, cfg.warmup_steps, self.total, self.schedule)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         state.optimizer.step()

@@ -355,7 +355,8 @@ def test_eval_fid_of_a_conditional_model_conditions_it_as_the_field_does(
     run = tmp_path / "run"
     trained = run_cli("train", "--dataset", "folder", "--data-dir", data, "--image-size", 16,
                       "--batch-size", 4, "--max-steps", 2, "--num-samples", 2, "--sample-steps",
-                      1, "--condition", "class", "--output", run, *TINY)  # fmt: skip
+                      1, "--condition", "class", "--lr-schedule", "constant",  # 2 full steps
+                      "--output", run, *TINY)  # fmt: skip
     assert trained.exit_code == 0, trained.output
     common = ["eval", "fid", "--checkpoint", run, "--inception-weights", weights, "--cache-dir",
               tmp_path / "cache", "--num-samples", 6, "--batch-size", 6, "--solver", "euler",

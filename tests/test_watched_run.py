@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, one_line_error, train_args
+from conftest import TINY, one_line_error, run_fmkit, train_args
 from PIL import Image
 
 from fmkit import checkpoint
@@ -54,7 +54,7 @@ def wait_for_steps(run, count, process, timeout=120):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_and_the_resume_is_bit_exact(tmp_path, faces, run_cli, monkeypatch, signum):
+def test_a_signal_saves_and_the_resume_is_bit_exact(tmp_path, faces, signum):
     stopped = tmp_path / "stopped"
     process = start_training(stopped, faces, "--lr-schedule", "constant")
     wait_for_steps(stopped, 3, process)
@@ -70,14 +70,16 @@ def test_a_signal_saves_and_the_resume_is_bit_exact(tmp_path, faces, run_cli, mo
     )
     assert "Traceback" not in stderr and saved.is_file()
     # Continue it as it says (plus a new limit), from another folder: no other flag is needed.
-    monkeypatch.chdir(tmp_path)
-    resumed = run_cli("train", "--output", stopped, "--resume", "--max-steps", step + 2)
-    assert resumed.exit_code == 0, resumed.output
+    # (Every run here is a process of its own, with the same torch threads: in-process runs
+    # share whatever thread count an earlier test set, and float sums follow it.)
+    resumed = run_fmkit("train", "--output", stopped, "--resume", "--max-steps", step + 2,
+                        cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
     assert steps_logged(stopped) == list(range(1, step + 3))
     # An uninterrupted run of as many steps holds the same weights, bit for bit.
     whole = tmp_path / "whole"
     args = train_args(faces, whole, "--max-steps", step + 2, "--lr-schedule", "constant")
-    assert run_cli(*args).exit_code == 0
+    assert run_fmkit(*args).returncode == 0
     a = weights(whole / "checkpoint_final.safetensors")
     b = weights(stopped / "checkpoint_final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -203,6 +205,17 @@ def test_the_learning_rate_decays_to_zero_after_warm_up(tmp_path, faces, run_cli
     }[schedule]
     assert rates == pytest.approx([3e-4 * 0.5, *(3e-4 * d for d in decay)], abs=1e-12)
     assert rates[-1] == 0
+
+
+def test_the_default_schedule_decays_when_the_run_has_a_known_length(tmp_path, faces, run_cli):
+    run = tmp_path / "run"
+    args = train_args(faces, run, "--max-steps", 4)
+    at = args.index("--lr-schedule")
+    result = run_cli(*args[:at], *args[at + 2 :])  # no --lr-schedule: the default
+    assert result.exit_code == 0, result.output
+    assert "lr 0.0003, cosine decay to 0" in result.output
+    rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rates[0] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi / 4))) and rates[-1] == 0
 
 
 def test_a_class_grid_shows_every_class(tmp_path, run_cli):

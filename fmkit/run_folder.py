@@ -54,6 +54,7 @@ def resumed_config(flags: dict[str, Any], given: set[str], toml: Path | None = N
     for name, value in asked.items():
         old = values.get(name)
         if name.endswith("_opts"):
+            old = old or {}  # a record from before the kind had options
             for key, new in value.items():
                 if key not in old or not _same(old[key], new):
                     flag = f"--{name[: -len('_opts')].replace('_', '-')}-opt"

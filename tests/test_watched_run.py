@@ -119,6 +119,12 @@ def test_resume_keeps_the_runs_settings(tmp_path, faces, run_cli):
         run_cli("train", "--output", run, "--resume", "--backbone-opt", "base_channels=16")
     )
     assert "--backbone-opt base_channels 16 differs from the run's 8" in line
+    # A run recorded before a kind had options: the option is still named, not a crash.
+    config = json.loads((run / "config.json").read_text())
+    del config["space_opts"]
+    (run / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run_cli("train", "--output", run, "--resume", "--space-opt", "factor=2"))
+    assert "--space-opt factor 2 differs from the run's unset" in line
     # The same value again is no change.
     same = run_cli("train", "--output", run, "--resume", "--lr", "0.001", "--max-steps", 6)
     assert same.exit_code == 0, same.output

@@ -97,7 +97,7 @@ def export(generator: Generator, out: Path, name: str, options: dict | None = No
 def pixels_only(generator: Generator, format: str) -> None:
     """Formats whose readers expect images straight from the network (the velocity of an
     image, a diffusers pipeline) take models that generate in pixels only."""
-    if generator.spec.space != "pixels":
+    if not generator.space.images:
         raise FmkitError(
             f"export: --format {format} takes models that generate in pixels; this one "
             f"generates in the space {generator.spec.space!r} (--format fmkit keeps it)"

@@ -82,9 +82,11 @@ def startup_lines(
     total: int | None,
     schedule: str,
     resumed_at: int,
+    generates_images: bool = True,
 ) -> list[str]:
     """The lines a run prints before its first step: what trains on what, where and how long,
-    and where it writes. `images` and `steps_per_epoch` are None for data of unknown length."""
+    and where it writes. `images` and `steps_per_epoch` are None for data of unknown length;
+    `generates_images` is False for a model in another space than the images' (it is named)."""
     where = str(device)
     if device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
@@ -99,7 +101,7 @@ def startup_lines(
     if cfg.warmup_steps:
         lr += f" after {cfg.warmup_steps:,} warm-up steps"
     lr += ", constant" if schedule == "constant" else f", {schedule} decay to 0"
-    space = "" if cfg.space == "pixels" else f", in the {cfg.space} space"
+    space = "" if generates_images else f", in the {cfg.space} space"
     return [
         f"model: {cfg.backbone} ({_count(parameters)} parameters), {cfg.objective} on the "
         f"{cfg.path} path{cond}{space}",

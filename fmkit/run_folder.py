@@ -43,11 +43,11 @@ def resumed_config(flags: dict[str, Any], given: set[str], toml: Path | None = N
     (the fields marked `resumable`). Setting any other key to another value is an error naming
     the key and both values. Without a record, `resolve`'s config (training then says there is
     nothing to resume)."""
-    output = flags.get("output") or TrainConfig().output
+    asked = normalise(read_toml(toml) if toml else {})
+    output = flags["output"] if "output" in given else asked.get("output", flags["output"])
     record = run_record(Path(output))
     if record is None:
         return resolve(flags, given, toml)
-    asked = normalise(read_toml(toml) if toml else {})
     for name, value in normalise({n: v for n, v in flags.items() if n in given}).items():
         asked[name] = {**asked.get(name, {}), **value} if name.endswith("_opts") else value
     values = {**BEFORE_KEY, **normalise(record)}

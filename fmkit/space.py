@@ -22,6 +22,9 @@ class Space(ABC):
     #: decode(encode(x)) == x exactly and encode only moves pixels: likelihoods in the space
     #: are the images' likelihoods (fmkit eval nll) and noise maps to noise.
     lossless: bool = False
+    #: what the backbone generates is the image itself (decode is the identity), so formats
+    #: whose readers expect images straight from the network (onnx, diffusers) can hold it.
+    images: bool = False
 
     @abstractmethod
     def shape(self, channels: int, image_size: int) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from fmkit.options import check_options
 from fmkit.plugins import component_info, registry
 from fmkit.progress import TrainingBar, startup_lines
 from fmkit.run_folder import claim_run
+from fmkit.space import build_space
 from fmkit.state import EMA, TrainState
 from fmkit.visualize import training_grid
 
@@ -133,7 +134,7 @@ class Run:
                 f"backbone '{cfg.backbone}' takes no conditions (its factory has no `data` "
                 f"parameter); train it with --condition none"
             )
-        self.space = registry("spaces").build(cfg.space, cfg.space_opts)
+        self.space = build_space(cfg.space, cfg.space_opts)
         try:
             self.space.shape(cfg.channels, cfg.image_size)  # the data may still say channels
         except ValueError as exc:
@@ -230,8 +231,8 @@ class Run:
                 bf16=self.bf16, processes=self.info.world_size, micro_batch=self.micro_batch,
                 images=None if training.iterable else len(training.dataset),
                 steps_per_epoch=training.steps_per_epoch, total=self.total,
-                schedule=self.schedule,
-                resumed_at=self.state.step,
+                schedule=self.schedule, resumed_at=self.state.step,
+                generates_images=self.space.images,
             )  # fmt: skip
             print("\n".join(lines), flush=True)
 

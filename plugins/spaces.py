@@ -15,6 +15,7 @@ class Pixels(Space):
     """Images as they are: what fmkit has always trained on."""
 
     lossless = True
+    images = True
 
     def shape(self, channels: int, image_size: int) -> tuple[int, int]:
         return channels, image_size

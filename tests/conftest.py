@@ -141,6 +141,13 @@ def run_fmkit(*args, env_extra=None, cwd=None):
     )
 
 
+def small_faces(root: Path, count: int = 8) -> Path:
+    """`count` solid-colour 16x16 PNGs in `root`: for module-scoped fixtures that train once."""
+    for i in range(count):
+        write_image(root / f"{i}.png", size=(16, 16), color=(i * 30, 90, 200))
+    return root
+
+
 def write_image(path: Path, size=(20, 16), color=(200, 30, 30), mode="RGB", fmt=None):
     """Write a solid-colour image (any PIL mode) and return its path."""
     from PIL import Image

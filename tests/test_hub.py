@@ -7,7 +7,7 @@ import os
 import sys
 
 import pytest
-from conftest import run_fmkit, train_args
+from conftest import run_fmkit, small_faces, train_args
 
 pytest.importorskip("huggingface_hub", reason="the hub extra is not installed")
 
@@ -37,12 +37,7 @@ def cache(tmp_path_factory):
     from fmkit.cli import cli
 
     root = tmp_path_factory.mktemp("hub")
-    faces = root / "faces"
-    faces.mkdir()
-    from conftest import write_image
-
-    for i in range(8):
-        write_image(faces / f"{i}.png", size=(16, 16), color=(i * 30, 90, 200))
+    faces = small_faces(root / "faces")
     run, folder = root / "run", root / "model"
     for args in (
         train_args(faces, run, "--max-steps", 2),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_line_error, train_args
+from conftest import one_line_error, small_faces, train_args
 from PIL import Image
 
 from fmkit.generator import Generator
@@ -30,10 +30,7 @@ def patch_run(tmp_path_factory):
     from fmkit.cli import cli
 
     root = tmp_path_factory.mktemp("space")
-    faces = root / "faces"
-    faces.mkdir()
-    for i in range(8):
-        Image.new("RGB", (16, 16), (i * 30, 90, 200)).save(faces / f"{i}.png")
+    faces = small_faces(root / "faces")
     run = root / "run"
     args = train_args(faces, run, "--max-steps", 3, "--space", "patchify", "--save-every-steps", 2)
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

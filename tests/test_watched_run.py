@@ -125,8 +125,13 @@ def test_resume_keeps_the_runs_settings(tmp_path, faces, run_cli):
     (run / "config.json").write_text(json.dumps(config))
     line = one_line_error(run_cli("train", "--output", run, "--resume", "--space-opt", "factor=2"))
     assert "--space-opt factor 2 differs from the run's unset" in line
+    # The run named by a TOML file's output is the one resumed, with its own settings.
+    toml = tmp_path / "more.toml"
+    toml.write_text(f'output = "{run}"\nmax_steps = 6\n')
+    from_file = run_cli("train", "--config", toml, "--resume")
+    assert from_file.exit_code == 0 and "at step 5" in from_file.output, from_file.output
     # The same value again is no change.
-    same = run_cli("train", "--output", run, "--resume", "--lr", "0.001", "--max-steps", 6)
+    same = run_cli("train", "--output", run, "--resume", "--lr", "0.001", "--max-steps", 7)
     assert same.exit_code == 0, same.output
 
 

@@ -64,7 +64,8 @@ def cli() -> None:
     """fmkit: train flow-matching image generators and sample from them.
 
     Backbones, datasets, probability paths, ODE solvers, training objectives, conditions,
-    exporters and metrics are plugins, chosen by name; `fmkit list` shows what is installed.
+    exporters, metrics and spaces are plugins, chosen by name; `fmkit list` shows what is
+    installed.
     """
 
 

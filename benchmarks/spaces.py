@@ -1,6 +1,9 @@
-"""Training speed per space: `fmkit train` images/s at one resolution in pixels and in
-patchify's space-to-depth by 2 and 4, the same UNet family (levels adapted so every run has
-the same depth of downsampling from the images' side), same data, same device.
+"""Training speed per space: `fmkit train` images/s at one resolution in pixels, in
+patchify's space-to-depth by 2 and 4 and in the latents of an SD-VAE-shaped AutoencoderKL
+(4 channels at 1/8 of the side; random weights: the cost is real, the quality is not), the
+same UNet family (levels adapted so every run has the same depth of downsampling from the
+images' side), same data, same device; and the autoencoder's one-time encoding cost per image
+(image and mirror image, as the encoded cache stores them).
 
 Run: python benchmarks/spaces.py [--image-size 256 --batch-size 4 --steps 10 --warmup 3]
      [--device cuda --precision bf16]
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,11 +38,46 @@ RUNS = {
     "pixels": ({}, (1, 1, 2, 2, 4, 4)),
     "patchify:2": ({"factor": 2}, (1, 2, 2, 4, 4)),
     "patchify:4": ({"factor": 4}, (2, 2, 4, 4)),
+    "autoencoder": ({}, (2, 4, 4)),  # options filled in with the saved SD-VAE-shaped model
+}
+
+# stabilityai/sd-vae-ft-ema's architecture (83.7M parameters), built with random weights.
+SD_VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
 }
 
 
-def measure(name: str, data: Path, out: Path, args) -> dict:
+def sd_vae(folder: Path) -> Path:
+    """An SD-VAE-shaped AutoencoderKL with random weights, saved in `folder`."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(**SD_VAE).save_pretrained(folder)
+    return folder
+
+
+def encoding_cost(space_opts: dict, args) -> float:
+    """Seconds per image of the one-time encoding (the image and its mirror image)."""
+    space = build_space("autoencoder", space_opts)
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1
+    space.encode(torch.cat([images, images.flip(-1)]).to(args.device))  # warm-up
+    start = time.perf_counter()
+    space.encode(torch.cat([images, images.flip(-1)]).to(args.device))
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / args.batch_size
+
+
+def measure(name: str, data: Path, out: Path, args, vae: Path | None = None) -> dict:
     space_opts, mult = RUNS[name]
+    if name == "autoencoder":
+        space_opts = {"model": str(vae)}
     space = name.split(":")[0]
     unet = {"base_channels": args.base, "channel_mult": mult, "attn_resolutions": (16,)}
     channels, size = build_space(space, space_opts).shape(3, args.image_size)
@@ -55,8 +95,11 @@ def measure(name: str, data: Path, out: Path, args) -> dict:
     timed = [r for r in rows if r["step"] > args.warmup]
     seconds = sum(args.warmup * args.batch_size / r["images_per_s"] for r in timed)
     speed = len(timed) * args.warmup * args.batch_size / seconds
-    return {"run": name, "model": f"{channels}x{size}x{size}", "parameters": parameters,
-            "images_per_s": speed}  # fmt: skip
+    result = {"run": name, "model": f"{channels}x{size}x{size}", "parameters": parameters,
+              "images_per_s": speed}  # fmt: skip
+    if name == "autoencoder":
+        result["encode_s"] = encoding_cost(space_opts, args)
+    return result
 
 
 def main() -> None:
@@ -74,8 +117,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = synthetic_prepared(root, args.image_size, count=64)
-        results = [measure(n, data, root / n.replace(":", "-"), args) for n in args.runs.split(",")]
+        os.environ["FMKIT_CACHE"] = str(root / "cache")  # the encoded cache starts empty
+        data = synthetic_prepared(
+            root, args.image_size, count=args.batch_size * (args.warmup + args.steps)
+        )
+        names = args.runs.split(",")
+        vae = sd_vae(root / "sd-vae") if "autoencoder" in names else None
+        results = [measure(n, data, root / n.replace(":", "-"), args, vae) for n in names]
     print(
         f"# {platform.machine()}, {torch.get_num_threads()} threads, {args.device} "
         f"{args.precision}, {args.image_size}x{args.image_size}, batch {args.batch_size}, "
@@ -89,6 +137,9 @@ def main() -> None:
             f"| {r['run']} | {r['model']} | {r['parameters'] / 1e6:.1f}M | "
             f"{r['images_per_s']:.2f} | {r['images_per_s'] / base:.2f}x |"
         )
+    for r in results:
+        if "encode_s" in r:
+            print(f"\nencoding once (image + mirror image): {r['encode_s']:.3f} s per image")
 
 
 if __name__ == "__main__":

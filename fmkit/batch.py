@@ -105,20 +105,25 @@ class Batch:
         cond: None, or the condition dict described in this module's docstring.
         noise: None, or (B, C, H, W) the noise each image is paired with (reflow's pairs);
             objectives that draw their own noise ignore it.
+        mirror: None, or (B, C, H, W) the encoding of each image's mirror image, read from
+            an encoded cache (fmkit.encoded): in a lossy space the encoding of a flipped
+            image is not the flipped encoding, so augmentation picks this instead.
     """
 
     images: Tensor
     cond: Cond | None = None
     noise: Tensor | None = None
+    mirror: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def map(self, images, values) -> Batch:
-        """A Batch with `images(t)` applied to the image-shaped tensors (images, noise) and
-        `values(t)` to the conditions."""
+        """A Batch with `images(t)` applied to the image-shaped tensors (images, noise,
+        mirror) and `values(t)` to the conditions."""
         noise = None if self.noise is None else images(self.noise)
-        return Batch(images(self.images), _map(self.cond, values), noise)
+        mirror = None if self.mirror is None else images(self.mirror)
+        return Batch(images(self.images), _map(self.cond, values), noise, mirror)
 
     def to(self, device: torch.device, memory_format=torch.contiguous_format) -> Batch:
         def move(v: Tensor) -> Tensor:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from fmkit.batch import Condition, DataSpec, describe
 from fmkit.collate import Collate
 from fmkit.errors import FmkitError
 from fmkit.plugins import registry
+from fmkit.space import Space
 
 
 def build_dataset(
@@ -191,9 +193,25 @@ class EpochSampler(Sampler[int]):
         return (self.batches - self.start_batch) * (self.global_batch // self.world_size)
 
 
+def _as_is(x: Tensor) -> Tensor:
+    return x
+
+
+def scale_note(std: list[float]) -> None:
+    """Say so when the encodings' per-channel std, measured on the data, is far from the 1
+    that noise has: the space's scaling factor does not suit these images."""
+    low, high = min(std), max(std)
+    if low < 0.5 or high > 2.0:
+        print(
+            f"note: the encoded images' per-channel std is {low:.3g}-{high:.3g} (noise has 1); "
+            "the space's scaling factor does not suit these images"
+        )
+
+
 class TrainingData:
-    """The data of a training run: the dataset (read from its decoded cache), what it yields,
-    its order and this process's micro-batches.
+    """The data of a training run: the dataset (read from its decoded cache, or its encoded
+    cache in a space that is `encoded_once`), what it yields, its order and this process's
+    micro-batches.
 
     Args:
         cfg: the run's TrainConfig (dataset, options, condition, batch, seed, workers).
@@ -201,9 +219,12 @@ class TrainingData:
         device: where training runs (pinned memory and workers on a GPU).
         micro_batch: images per forward/backward on this process.
         progress: show the decoding progress (rank 0).
+        space: where the model trains (fmkit.space); `encode` takes a batch's images there.
     """
 
-    def __init__(self, cfg, info, device: torch.device, micro_batch: int, progress: bool) -> None:
+    def __init__(
+        self, cfg, info, device: torch.device, micro_batch: int, progress: bool, space: Space
+    ) -> None:
         dataset = build_dataset(
             cfg.dataset, cfg.data_dir, cfg.image_size, cfg.split, cfg.dataset_opts, cfg.condition
         )
@@ -218,6 +239,20 @@ class TrainingData:
                 progress=progress and info.is_main,
                 condition=cfg.condition,
             )
+        #: images (B, C, S, S) -> what the model trains on; as is when read already encoded
+        self.encode: Callable[[Tensor], Tensor] = space.encode
+        if space.encoded_once and cfg.cache_dataset:
+            from fmkit.encoded import encoded
+
+            stored = encoded(
+                dataset, space, cfg.space, cfg.image_size, writer=info.local_rank == 0,
+                progress=progress and info.is_main, device=device, condition=cfg.condition,
+                mirrors=cfg.hflip,
+            )  # fmt: skip
+            if stored is not None:
+                dataset, self.encode = stored, _as_is
+                if progress and info.is_main:
+                    scale_note(stored.stats["std"])
         self.iterable = isinstance(dataset, IterableDataset)
         if not self.iterable and len(dataset) < cfg.batch_size:
             raise FmkitError(

@@ -245,7 +245,7 @@ class Generator:
         try:
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
-                noise = self.space.encode(torch.randn(n, *shape, generator=generator))
+                noise = self.space.noise(n, *shape[:2], generator)
                 rows = (
                     None
                     if cond is None

@@ -20,10 +20,10 @@ def is_repo_id(source: str | Path) -> bool:
     return REPO_ID.match(str(source)) is not None and not Path(source).expanduser().exists()
 
 
-def locate(source: str | Path) -> Path:
+def locate(source: str | Path, files: list[str] = FILES) -> Path:
     """A local path as it is; a Hub repo id: the folder of its snapshot in the Hugging Face
-    cache, downloaded when missing or stale (HF_HUB_OFFLINE=1: the cache only). What cannot be
-    had is one FmkitError."""
+    cache with the `files` (glob patterns) it has, downloaded when missing or stale
+    (HF_HUB_OFFLINE=1: the cache only). What cannot be had is one FmkitError."""
     if not is_repo_id(source):
         return Path(source).expanduser()
     match = REPO_ID.match(str(source))
@@ -42,12 +42,13 @@ def locate(source: str | Path) -> Path:
             "huggingface_hub: pip install 'fmkit[hub]'"
         ) from None
     try:
-        folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=FILES)
+        folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=files)
     except LocalEntryNotFoundError:
         raise FmkitError(
             f"{source} is not a local path, nor in the Hugging Face cache "
             f"({huggingface_hub.constants.HF_HUB_CACHE}), and the Hub cannot be reached "
-            "(offline?)"
+            f"(offline?): fetch it into that cache where there is a network (hf download "
+            f"{repo}) or give a local folder"
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError):
         raise FmkitError(

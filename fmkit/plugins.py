@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "fmkit_plugins.export_diffusers",
     "fmkit_plugins.metrics",
     "fmkit_plugins.spaces",
+    "fmkit_plugins.autoencoder",
 )
 
 

@@ -79,18 +79,25 @@ def _write_staged(dataset, staging: Path, source: dict, progress: bool, workers:
             images[done : done + len(batch)] = batch
             done += len(batch)
             bar.update(len(batch))
-    labels = getattr(dataset, "labels", None)
-    condition = describe(dataset, int(first.shape[0])).condition
-    if labels is not None:  # stored as the condition's kind collates them (class: int64)
-        stored = cond_from_labels(list(labels), condition) if condition.kind != "none" else None
-        table = stored[condition.kind] if stored else torch.as_tensor(np.stack(list(labels)))
-        np.save(staging / "labels.npy", table.numpy())
     images.flush()
     del images
     meta = {"count": len(dataset), "image_size": int(first.shape[0]), "source": source}
-    if labels is not None:  # what the labels are, so training can condition on them
-        meta["condition"] = condition.to_dict()
+    save_labels(dataset, staging, meta)
     write_json(staging / META, meta)
+
+
+def save_labels(dataset, folder: Path, meta: dict) -> None:
+    """The dataset's labels, if it has any, as `folder`/labels.npy, stored as their condition
+    kind collates them (the built-in kinds: int64), and what they are in `meta["condition"]`
+    (so training can condition on them)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        return
+    condition = describe(dataset, int(meta["image_size"])).condition
+    stored = cond_from_labels(list(labels), condition) if condition.kind != "none" else None
+    table = stored[condition.kind] if stored else torch.as_tensor(np.stack(list(labels)))
+    np.save(folder / "labels.npy", table.numpy())
+    meta["condition"] = condition.to_dict()
 
 
 # A prepared array; those written before folders were marked are recognised by their files.

@@ -70,6 +70,13 @@ def write_pairs(
             is part of the settings too).
     """
     spec = teacher.data
+    if not teacher.space.lossless:
+        # The pairs are stored as images with the seed of image-shaped noise; in a lossy space
+        # (latents) a pair would have to be stored as latent noise and latent, which is open.
+        raise FmkitError(
+            f"reflow pairs need a teacher trained in a lossless space (pixels, patchify); "
+            f"this one trained in '{teacher.spec.space}'"
+        )
     condition = spec.condition
     states = None  # the conditions the pairs are balanced over
     if condition.kind != "none":

@@ -93,7 +93,7 @@ class Run:
         )
         torch.manual_seed(self.cfg.seed)
         self.training = TrainingData(
-            self.cfg, self.info, self.device, self.micro_batch, self.progress
+            self.cfg, self.info, self.device, self.micro_batch, self.progress, self.space
         )
         self.data = self.training.spec
         self.total, self.schedule = plan(self.cfg, self.training.steps_per_epoch)
@@ -176,7 +176,7 @@ class Run:
             sampling=self.objective.sampling(),
             fmkit_version=fmkit_version,
             space=cfg.space,
-            space_opts=cfg.space_opts,
+            space_opts=self.space.record(cfg.space_opts),
             components={
                 "backbone": component_info("backbones", cfg.backbone),
                 "dataset": component_info("datasets", cfg.dataset),
@@ -315,7 +315,7 @@ class Run:
                 batch = hflip(
                     batch, Draws(cfg.seed, state.step, cfg.batch_size, rows, self.device, "augment")
                 )
-            batch = batch.map(self.space.encode, lambda v: v)  # images (and paired noise)
+            batch = batch.map(self.training.encode, lambda v: v)  # images (and paired noise)
             draws = Draws(cfg.seed, state.step, cfg.batch_size, rows, self.device)
             # Only the last micro-batch all-reduces. no_sync is asked of the DDP wrapper itself:
             # a compiled module does not expose it.

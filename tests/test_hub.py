@@ -14,17 +14,20 @@ pytest.importorskip("huggingface_hub", reason="the hub extra is not installed")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def hub_cache(root, repo, folder):
-    """`folder`'s files as huggingface_hub caches a snapshot of `repo` at COMMIT in `root`."""
+def hub_cache(root, repo, folder, names=("config.json", "model.safetensors")):
+    """`folder`'s files `names` as huggingface_hub caches a snapshot of `repo` at COMMIT in
+    `root`."""
     cached = root / f"models--{repo.replace('/', '--')}"
     (cached / "blobs").mkdir(parents=True)
     snapshot = cached / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
+    for name in names:
         data = (folder / name).read_bytes()
         blob = cached / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     (cached / "refs").mkdir()
     (cached / "refs" / "main").write_text(COMMIT)
     return root
@@ -83,7 +86,8 @@ def test_a_repo_neither_here_nor_reachable_is_one_line(cache, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"Error: fmkit-org/other is not a local path, nor in the Hugging Face cache ({cache}), "
-        "and the Hub cannot be reached (offline?)"
+        "and the Hub cannot be reached (offline?): fetch it into that cache where there is a "
+        "network (hf download fmkit-org/other) or give a local folder"
     ]
     # Not shaped like a repo id: the local path that does not exist.
     missing = run_fmkit("sample", "--checkpoint", tmp_path / "nope", env_extra=offline(cache))

@@ -221,3 +221,27 @@ def test_an_autoencoder_loads_from_a_pipeline_repo_in_the_hub_cache_offline(kl, 
     assert result.returncode == 0, result.stderr
     spec = json.loads((run / "config.json").read_text())
     assert spec["space_opts"] == {"model": "org/pipeline"}  # a Hub id is recorded as given
+
+
+def test_a_class_conditional_model_trains_on_latents_with_its_labels(kl, tmp_path, run_cli):
+    from test_conditional import colour_folder
+
+    data = colour_folder(tmp_path / "colours", per_class=4, size=16)
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", data, "--condition", "class",
+            "--image-size", 16, "--batch-size", 4, "--max-steps", 2, "--num-samples", 4,
+            "--sample-steps", 2, "--output", run, "--space", "autoencoder",
+            "--space-opt", f"model={kl}", "--backbone-opt", "base_channels=8",
+            "--backbone-opt", "channel_mult=1,2", "--backbone-opt", "attn_resolutions=4"]  # fmt: skip
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    from fmkit.encoded import EncodedArray
+    from fmkit.prepared import cache_root
+
+    [folder] = [f for f in (cache_root() / "encoded").glob("autoencoder-16px-*")
+                if (f / "labels.npy").is_file()]  # fmt: skip
+    batch = EncodedArray(folder, condition="class").__getitems__([0, 7, 3])
+    assert batch.cond["class"].tolist() == [0, 1, 0]  # blue (sorted first), red, blue
+    assert batch.images.shape == (3, 4, 8, 8) and batch.mirror.shape == (3, 4, 8, 8)
+    generator = Generator.load(run)
+    assert generator.sample(2, cond={"class": "red"}, steps=2).images.shape == (2, 3, 16, 16)

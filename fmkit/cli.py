@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from fmkit import cli_eval, cli_model, config
+from fmkit import cli_ema, cli_eval, cli_model, config
 from fmkit.data import build_dataset, source_of
 from fmkit.distributed import from_environment
 from fmkit.errors import FmkitError
@@ -227,7 +227,7 @@ def _prepare_array_command(name: str) -> click.Command:
     return command
 
 
-for _command in (*cli_model.COMMANDS, cli_eval.eval_group):
+for _command in (*cli_model.COMMANDS, cli_ema.ema_command, cli_eval.eval_group):
     cli.add_command(_command)
 
 

@@ -1,5 +1,6 @@
-"""`fmkit eval`: FID/KID/precision-recall (`fid`), a solver sweep (`sweep`) and bits/dim
-(`nll`) of a trained model; the work is in fmkit.evaluate and fmkit.report."""
+"""`fmkit eval`: FID/KID/precision-recall (`fid`), a solver sweep (`sweep`), post-hoc EMA
+widths (`ema`) and bits/dim (`nll`) of a trained model; the work is in fmkit.evaluate,
+fmkit.report and fmkit.phema."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from pathlib import Path
 import click
 
 from fmkit import config
+from fmkit.cli_ema import EMA_SWEEP, record_of, step_option, widths_of, widths_option
 from fmkit.conditions import parse_conditions
 from fmkit.device import resolve_device
+from fmkit.errors import FmkitError
 from fmkit.evaluate import (
     COND_SAMPLING,
     check_record_file,
     evaluate_solver,
+    metric,
     result_line,
     setup,
 )
@@ -33,6 +37,7 @@ from fmkit.folders import claim, write_json
 from fmkit.generator import Generator
 from fmkit.inception import WEIGHTS_ENV
 from fmkit.options import parse_options
+from fmkit.phema import reconstruct
 from fmkit.report import SWEEP, nll_report, write_sweep
 from fmkit.sampling import ChosenSolver
 from fmkit.solver import build_solver, parse_solver_spec
@@ -176,6 +181,67 @@ def eval_sweep(solvers, out, **common):
         records.append(record)
     write_sweep(records, ev.metrics, out)
     click.echo(f"wrote {out}/sweep.md, sweep.json, sweep.png")
+
+
+@eval_group.command("ema")
+@_eval_options
+@solver_flags
+@widths_option
+@step_option
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default="ema-sweep",
+    show_default=True,
+)  # fmt: skip
+def eval_ema(solver, steps, solver_opts, widths, step, out, **common):
+    """Score post-hoc EMA widths of a training run (see `fmkit ema`) and the run's own EMA
+    with --metrics, at one solver setting, and say which is best (by the first metric);
+    writes ema.json and ema.md. --checkpoint is the run folder.
+
+    Example: fmkit eval ema --checkpoint results --sigma-rel 0.05,0.1,0.15,0.2 --num-samples 10000
+    """
+    chosen = widths_of(widths)
+    folder = claim(out, EMA_SWEEP)  # refused before the evaluation
+    run = Path(common["ckpt"])
+    if not run.is_dir():
+        raise FmkitError(f"--checkpoint {run}: fmkit eval ema takes a run folder (with phema/)")
+    recs = reconstruct(run, chosen, step)
+    ev = _setup(common)
+    picked = ev.generator.defaults.solver_for(
+        solver, steps, parse_options(solver_opts, "--solver-opt")
+    )
+
+    def scored(label: str, extra: dict) -> dict:
+        record = evaluate_solver(
+            ev, picked.spec, picked.solver, picked.options, common["num_samples"],
+            common["batch_size"], common["seed"],
+        )  # fmt: skip
+        click.echo(f"{label}: {result_line(record)}")
+        return {"weights": label, **extra, **record}
+
+    own = "the run's EMA" if common["ema"] else "the run's raw weights"
+    records = [scored(own, {})]
+    for rec in recs:
+        ev.generator.module.load_state_dict(rec.state)
+        records.append(scored(f"sigma_rel {rec.sigma_rel:.3f}", record_of(rec)))
+    first = metric(ev.metrics[0])
+    key = first.columns[0]
+    pick = min if first.better == "lower" else max
+    best = pick(records, key=lambda r: r[key])
+    folder.add("ema.json", "ema.md")
+    write_json(out / "ema.json", {"best": best["weights"], "records": records})
+    (out / "ema.md").write_text(_ema_table(records, ev.metrics, best))
+    click.echo(f"best: {best['weights']} ({key} {best[key]:.4g}; {own}: {records[0][key]:.4g})")
+
+
+def _ema_table(records: list[dict], metrics: tuple[str, ...], best: dict) -> str:
+    keys = [k for name in metrics for k in metric(name).columns]
+    lines = ["| weights | weighting error | " + " | ".join(keys) + " |"]
+    lines.append("|" + " --- |" * (len(keys) + 2))
+    for r in records:
+        error = f"{100 * r['weighting_error']:.2f}%" if "weighting_error" in r else "-"
+        name = f"**{r['weights']}**" if r is best else r["weights"]
+        lines.append(f"| {name} | {error} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
 
 
 @eval_group.command("nll")

@@ -58,7 +58,7 @@ SCHEDULES = ("constant", "cosine", "linear")  # fmkit.train.learning_rate
 
 # What a run recorded before a key existed ran as this value (not today's default, which may
 # differ): a resumed old run keeps training as it did.
-BEFORE_KEY = {"lr_schedule": "constant", "logger": "auto", "space": "pixels"}
+BEFORE_KEY = {"lr_schedule": "constant", "logger": "auto", "space": "pixels", "phema": "off"}
 
 
 @dataclass
@@ -127,6 +127,21 @@ class TrainConfig:
     ema_decay: float = option(0.9999, "Target EMA decay.", min=0, max=1)
     ema_warmup: float = option(
         10.0, "EMA decay ramp: update n uses min(--ema-decay, n / (n + W)); 0 turns it off.", min=0
+    )
+    phema: str = option(
+        "0.05,0.10",
+        "Post-hoc EMA (Karras et al. 2024): relative widths of the power-function EMA profiles "
+        "kept and stored in RUN/phema/, from which `fmkit ema` reconstructs any width after "
+        "training; 'off' turns them off. Each snapshot holds every profile in float32 (two: "
+        "8 bytes per parameter, 72 MB for the default 9.0M UNet).",
+        metavar="SIGMA,...",
+    )
+    phema_every: int | None = option(
+        None,
+        "Steps between post-hoc EMA snapshots [default: 1/16 of the run's steps when its "
+        "length is known (16 snapshots), else 5000].",
+        min=1,
+        resumable=True,
     )
     time_sampling: str | None = option(
         None,

@@ -22,11 +22,14 @@ class Metric(ABC):
         per_image: it needs the reference images' features, not just their mean and
             covariance (a reference file holding statistics only cannot serve it).
         columns: its result keys that a sweep's table shows, in order.
+        better: "lower" or "higher": which way its first column improves (what `fmkit eval
+            ema` picks the best width by).
     """
 
     features: str = "inception"
     per_image: bool = False
     columns: tuple[str, ...] = ()
+    better: str = "lower"
 
     @abstractmethod
     def compute(self, features: Tensor, reference) -> dict[str, float]:

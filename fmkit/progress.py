@@ -83,10 +83,12 @@ def startup_lines(
     schedule: str,
     resumed_at: int,
     generates_images: bool = True,
+    snapshots: str = "",
 ) -> list[str]:
     """The lines a run prints before its first step: what trains on what, where and how long,
     and where it writes. `images` and `steps_per_epoch` are None for data of unknown length;
-    `generates_images` is False for a model in another space than the images' (it is named)."""
+    `generates_images` is False for a model in another space than the images' (it is named);
+    `snapshots` says what else the run stores (post-hoc EMA snapshots)."""
     where = str(device)
     if device.type == "cuda":
         where += f" ({torch.cuda.get_device_name(device)})"
@@ -109,7 +111,7 @@ def startup_lines(
         f"{start}",
         f"device: {where}, {'bf16' if bf16 else 'fp32'}, compile {'on' if cfg.compile else 'off'}; "
         f"batch {cfg.batch_size} ({per}); lr {lr}",
-        f"output: {cfg.output}",
+        f"output: {cfg.output}" + (f"; {snapshots}" if snapshots else ""),
     ]
 
 

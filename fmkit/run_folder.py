@@ -117,7 +117,7 @@ RUN = FolderKind(
     allowed=(
         "config.json", "metrics.jsonl", ".metrics.jsonl.*.tmp", "tensorboard", "wandb",
         "checkpoint_*.safetensors", ".checkpoint_*.tmp", "samples_*.png", "samples_*.txt",
-        "final_samples_grid.*",
+        "final_samples_grid.*", "phema",
     ),
     recognise=_records_training,
 )  # fmt: skip

@@ -11,6 +11,7 @@ from torch import nn
 
 from fmkit import checkpoint, distributed
 from fmkit.errors import FmkitError
+from fmkit.phema import PowerEMA
 
 
 class EMA:
@@ -68,6 +69,13 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    phema: PowerEMA | None = None  # post-hoc EMA profiles (fmkit.phema), when kept
+
+    def average(self) -> None:
+        """Fold the weights of the step just taken into the EMA (and the profiles)."""
+        self.ema.update(self.model)
+        if self.phema is not None:
+            self.phema.update(self.model)
 
     def save(
         self,
@@ -93,6 +101,8 @@ class TrainState:
                 for kind, state in states.items()
             },
         }
+        if self.phema is not None:
+            tensors.update(checkpoint.pack_state("phema", self.phema.tensors()))
         optim_tensors, optim_groups = checkpoint.optimizer_tensors(self.optimizer)
         tensors.update(optim_tensors)
         meta = {
@@ -101,6 +111,7 @@ class TrainState:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "ema_updates": self.ema.updates,
+            **({"phema_updates": self.phema.updates} if self.phema is not None else {}),
             "world_size": info.world_size,
             "optimizer": optim_groups,
         }
@@ -121,6 +132,10 @@ class TrainState:
         self.step, self.epoch = meta["step"], meta["epoch"]
         self.batch_in_epoch = meta["batch_in_epoch"]
         self.ema.updates = meta["ema_updates"]
+        if self.phema is not None:
+            if "phema_updates" not in meta:
+                raise FmkitError(f"{path} has no post-hoc EMA profiles; resume it with --phema off")
+            self.phema.load(checkpoint.unpack_state("phema", tensors), meta["phema_updates"])
         saved_world = meta.get("world_size", 1)
         if saved_world != info.world_size:
             return (

@@ -30,6 +30,8 @@ from fmkit.lr import learning_rate, plan
 from fmkit.nonfinite import NonFinite
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
+from fmkit.phema import FOLDER as PHEMA_FOLDER
+from fmkit.phema import PowerEMA, default_interval, parse_widths, snapshot_name
 from fmkit.plugins import component_info, registry
 from fmkit.progress import TrainingBar, startup_lines
 from fmkit.run_folder import claim_run
@@ -97,6 +99,9 @@ class Run:
         )
         self.data = self.training.spec
         self.total, self.schedule = plan(self.cfg, self.training.steps_per_epoch)
+        self.phema_every = None
+        if self.phema_widths:
+            self.phema_every = self.cfg.phema_every or default_interval(self.total)
         self.build_model()
         if resume:
             self.resume()
@@ -104,6 +109,7 @@ class Run:
         with StopRequests(announce=self.info.is_main) as self.stop:
             try:
                 self.loop()  # the run folder is written once the first step has worked
+                self.snapshot()  # the last step's, for a reconstruction at the end
                 if self.stopped:
                     self.interrupted()
                 final = self.save("final")
@@ -134,6 +140,7 @@ class Run:
                 f"backbone '{cfg.backbone}' takes no conditions (its factory has no `data` "
                 f"parameter); train it with --condition none"
             )
+        self.phema_widths = parse_widths(cfg.phema)
         self.space = build_space(cfg.space, cfg.space_opts)
         try:
             self.space.shape(cfg.channels, cfg.image_size)  # the data may still say channels
@@ -194,6 +201,8 @@ class Run:
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fast.fused_adamw
         )
         self.state = TrainState(model, EMA(model, cfg.ema_decay, cfg.ema_warmup), optimizer)
+        if self.phema_widths:
+            self.state.phema = PowerEMA(model, self.phema_widths)
         self.parameters = list(model.parameters())
         trained: nn.Module = model
         self.ddp: DistributedDataParallel | None = None
@@ -233,8 +242,20 @@ class Run:
                 steps_per_epoch=training.steps_per_epoch, total=self.total,
                 schedule=self.schedule, resumed_at=self.state.step,
                 generates_images=self.space.images,
+                snapshots=self.snapshots_note(),
             )  # fmt: skip
             print("\n".join(lines), flush=True)
+
+    def snapshots_note(self) -> str:
+        if not self.phema_widths:
+            return ""
+        size = (
+            4
+            * len(self.phema_widths)
+            * sum(t.numel() for t in self.state.model.state_dict().values())
+        )
+        widths = ", ".join(f"{w:g}" for w in self.phema_widths)
+        return f"post-hoc EMA (sigma_rel {widths}) every {self.phema_every:,} steps, {size / 2**20:,.0f} MiB each"
 
     # Train.
 
@@ -343,7 +364,7 @@ class Run:
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         state.optimizer.step()
-        state.ema.update(state.model)
+        state.average()
         state.step += 1
         state.batch_in_epoch += 1
         self.steps_this_epoch += 1
@@ -359,6 +380,8 @@ class Run:
             self.grid(f"samples_step_{step}")
         if due(cfg.save_every_steps, step):
             self.last_saved = self.save(f"step_{step}")
+        if due(self.phema_every, step):
+            self.snapshot()
 
     def end_epoch(self) -> None:
         """Epoch finished: sample and save on epoch intervals."""
@@ -415,6 +438,18 @@ class Run:
         ema = Generator(self.spec, self.state.ema.model)
         paths = self.folder.path(f"{name}.png"), self.folder.path(f"{name}.txt")
         training_grid(ema, self.cfg.num_samples, self.cfg.sample_steps, self.cfg.seed, *paths)
+
+    def snapshot(self) -> None:
+        """The post-hoc EMA profiles as they are after this step, in RUN/phema/ (rank 0; the
+        profiles are the same on every rank)."""
+        phema = self.state.phema
+        if phema is None or not self.info.is_main or self.state.step == 0:
+            return
+        self.folder.add(PHEMA_FOLDER)
+        path = self.out / snapshot_name(self.state.step)
+        path.parent.mkdir(exist_ok=True)
+        with self.status(f"saving {path.name}"):
+            phema.snapshot(path)
 
     def save(self, name: str) -> Path:
         """A checkpoint (collective: every rank takes part)."""

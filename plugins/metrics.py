@@ -67,6 +67,7 @@ class PrecisionRecall(Metric):
 
     per_image = True
     columns = ("precision", "recall")
+    better = "higher"
 
     def compute(self, features: Tensor, reference) -> dict[str, float]:
         from torch_fidelity.metric_prc import prc_features_to_metric

@@ -91,7 +91,7 @@ def train_args(faces, out, *extra):
 
 def weights(path):
     tensors, meta = checkpoint.load(path)
-    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}, meta
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema.", "phema."))}, meta
 
 
 def trained(faces, out, *extra, procs=1):
@@ -128,6 +128,14 @@ def test_two_processes_match_one_and_grad_accum(tmp_path, faces):
     assert meta["world_size"] == 2
     assert_close(ref, got)
     assert_close(ref, weights(tmp_path / "accum" / "checkpoint_final.safetensors")[0])
+    # Rank 0 alone stored the post-hoc EMA snapshots (5 steps: one a step), equal to one
+    # process's.
+    snapshots = sorted(p.name for p in (tmp_path / "two" / "phema").iterdir())
+    assert snapshots == [f"phema_{n:08d}.safetensors" for n in range(1, 6)]
+    last = "phema/phema_00000005.safetensors"
+    assert_close(
+        checkpoint.load(tmp_path / "one" / last)[0], checkpoint.load(tmp_path / "two" / last)[0]
+    )
 
 
 def test_global_ot_coupling_pairs_alike_on_two_processes_and_one(tmp_path, faces):

@@ -31,6 +31,7 @@ from fmkit import Condition, DataSpec, checkpoint
 from fmkit.config import TrainConfig
 from fmkit.generator import Generator
 from fmkit.metrics import feature_distance
+from fmkit.phema import parse_widths, reconstruct
 from fmkit.prepared import write_array
 from fmkit.solver import solver_from_spec
 from fmkit.train import train
@@ -158,6 +159,7 @@ def run_recipe(
     solvers: list[str],
     work: Path,
     classifier_epochs: int = 40,
+    phema: tuple[float, ...] = (),
 ) -> dict:
     torch.set_num_threads(1)
     images, labels = digits()
@@ -187,9 +189,11 @@ def run_recipe(
     floor = feature_distance(features(classifier, floor_x[:n]), reference)
     noise = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
-    def score(path, ema, solver):
+    def score(path, ema, solver, state=None):
         # "euler:20" or "euler:20:schedule=shift:shift=3": method, step count, solver options.
         model = Generator.load(path, ema=ema)
+        if state is not None:  # other weights for the same model (a post-hoc EMA)
+            model.module.load_state_dict(state)
         solution = model.generate(model.space.encode(noise), solver_from_spec(solver))
         images = model.space.decode(solution.x)  # the same noise in every space (lossless ones)
         return feature_distance(features(classifier, images), reference), solution.nfe
@@ -216,17 +220,22 @@ def run_recipe(
         ema_fd, _ = score(path, True, "euler:20")
         raw_fd, _ = score(path, False, "euler:20")
         result["checkpoints"].append({"step": step, "ema": ema_fd, "raw": raw_fd})
+    if phema:  # post-hoc EMA widths at the end of the run, scored with every solver
+        result["phema"] = []
+        for rec in reconstruct(run, phema):
+            scores = {s: score(final, True, s, rec.state)[0] for s in solvers}
+            result["phema"].append({"sigma_rel": rec.sigma_rel, "error": rec.error, "fd": scores})
     return result
 
 
 def _worker(args):
-    *job, epochs, keep = args
+    *job, epochs, keep, phema = args
     if keep is not None:  # keep the run (its checkpoints and data) for later comparisons
-        work = keep / job[0]
+        work = keep / f"{job[0]}-{job[2]}" if job[2] else keep / job[0]
         work.mkdir(parents=True, exist_ok=True)
-        return run_recipe(*job, work, classifier_epochs=epochs)
+        return run_recipe(*job, work, classifier_epochs=epochs, phema=phema)
     with tempfile.TemporaryDirectory() as tmp:
-        return run_recipe(*job, Path(tmp), classifier_epochs=epochs)
+        return run_recipe(*job, Path(tmp), classifier_epochs=epochs, phema=phema)
 
 
 def markdown(results: list[dict], solvers: list[str]) -> str:
@@ -255,7 +264,15 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--minutes", type=float, default=30.0, help="CPU minutes of training per recipe"
     )
-    parser.add_argument("--max-steps", type=int, help="train exactly this many steps instead")
+    parser.add_argument(
+        "--max-steps", help="train exactly this many steps instead (a list: one run per count)"
+    )
+    parser.add_argument(
+        "--phema",
+        default="",
+        help="post-hoc EMA widths (sigma_rel, comma-separated) to reconstruct at the end of "
+        "each run and score with every solver, beside the run's own EMA",
+    )
     parser.add_argument("--samples", type=int, default=256, help="generated images per score")
     parser.add_argument(
         "--solvers",
@@ -268,9 +285,12 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", type=Path, help="keep each recipe's run under KEEP/RECIPE")
     args = parser.parse_args(argv)
     solvers = args.solvers.split(",")
+    phema = parse_widths(args.phema)
+    budgets = [int(n) for n in args.max_steps.split(",")] if args.max_steps else [None]
     jobs = [
-        (r, args.minutes, args.max_steps, args.samples, solvers, args.classifier_epochs, args.keep)
+        (r, args.minutes, n, args.samples, solvers, args.classifier_epochs, args.keep, phema)
         for r in args.recipes.split(",")
+        for n in budgets
     ]
     if args.parallel > 1:
         with multiprocessing.get_context("spawn").Pool(args.parallel) as pool:
@@ -300,8 +320,31 @@ def main(argv=None) -> None:
             f"{r['recipe']} checkpoints (step: EMA / raw at euler:20): "
             + ", ".join(f"{c['step']}: {c['ema']:.2f} / {c['raw']:.2f}" for c in r["checkpoints"])
         )
+        if r.get("phema"):
+            print(phema_table(r, solvers))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def phema_table(r: dict, solvers: list[str]) -> str:
+    """The run's own EMA against each post-hoc width, per solver, and the best width."""
+    lines = [f"{r['recipe']}, {r['steps']} steps: post-hoc EMA (distance per solver)"]
+    lines.append("| weights | weighting error | " + " | ".join(solvers) + " |")
+    lines.append("|" + " --- |" * (len(solvers) + 2))
+    lines.append(
+        "| the run's EMA | - | " + " | ".join(f"{r['final'][s]['fd']:.2f}" for s in solvers) + " |"
+    )
+    for p in r["phema"]:
+        cells = " | ".join(f"{p['fd'][s]:.2f}" for s in solvers)
+        lines.append(f"| sigma_rel {p['sigma_rel']:g} | {100 * p['error']:.2f}% | {cells} |")
+    first = solvers[0]
+    best = min(r["phema"], key=lambda p: p["fd"][first])
+    own = r["final"][first]["fd"]
+    lines.append(
+        f"best at {first}: sigma_rel {best['sigma_rel']:g}, {best['fd'][first]:.2f} against "
+        f"{own:.2f} ({100 * (1 - best['fd'][first] / own):+.1f}% lower)"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

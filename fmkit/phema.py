@@ -127,6 +127,24 @@ def snapshot_name(step: int) -> str:
     return f"{FOLDER}/phema_{step:08d}.safetensors"
 
 
+def storage_note(widths: tuple[float, ...], every: int | None, model: nn.Module) -> str:
+    """What a run's snapshots cost, for its start-up summary ("" when none are kept)."""
+    if not widths:
+        return ""
+    size = 4 * len(widths) * sum(t.numel() for t in model.state_dict().values())  # float32
+    interval = "every step" if every == 1 else f"every {every:,} steps"
+    listed = ", ".join(f"{w:g}" for w in widths)
+    return f"post-hoc EMA (sigma_rel {listed}) {interval}, {size / 2**20:,.0f} MiB each"
+
+
+def drop_after(run: Path, step: int) -> None:
+    """Remove the snapshots of steps after `step` (a resumed run trains them again, and may
+    store them at other steps)."""
+    for path in (Path(run) / FOLDER).glob("phema_*.safetensors"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+
+
 def default_interval(total: int | None) -> int:
     """Steps between snapshots when not given: SNAPSHOTS over a run of known length."""
     return max(1, math.ceil(total / SNAPSHOTS)) if total else 5000

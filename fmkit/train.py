@@ -31,7 +31,14 @@ from fmkit.nonfinite import NonFinite
 from fmkit.objective import Draws, Objective, as_model, backbone_options
 from fmkit.options import check_options
 from fmkit.phema import FOLDER as PHEMA_FOLDER
-from fmkit.phema import PowerEMA, default_interval, parse_widths, snapshot_name
+from fmkit.phema import (
+    PowerEMA,
+    default_interval,
+    drop_after,
+    parse_widths,
+    snapshot_name,
+    storage_note,
+)
 from fmkit.plugins import component_info, registry
 from fmkit.progress import TrainingBar, startup_lines
 from fmkit.run_folder import claim_run
@@ -229,6 +236,7 @@ class Run:
         self.last_saved = latest
         if self.info.is_main:
             state = self.state
+            drop_after(self.out, state.step)  # those steps are trained again
             print(f"resumed from {latest} at step {state.step} (epoch {state.epoch}){note}")
 
     def summary(self) -> None:
@@ -242,20 +250,9 @@ class Run:
                 steps_per_epoch=training.steps_per_epoch, total=self.total,
                 schedule=self.schedule, resumed_at=self.state.step,
                 generates_images=self.space.images,
-                snapshots=self.snapshots_note(),
+                snapshots=storage_note(self.phema_widths, self.phema_every, self.state.model),
             )  # fmt: skip
             print("\n".join(lines), flush=True)
-
-    def snapshots_note(self) -> str:
-        if not self.phema_widths:
-            return ""
-        size = (
-            4
-            * len(self.phema_widths)
-            * sum(t.numel() for t in self.state.model.state_dict().values())
-        )
-        widths = ", ".join(f"{w:g}" for w in self.phema_widths)
-        return f"post-hoc EMA (sigma_rel {widths}) every {self.phema_every:,} steps, {size / 2**20:,.0f} MiB each"
 
     # Train.
 

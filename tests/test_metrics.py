@@ -58,6 +58,8 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
             "euler:2,euler:2:schedule=power:power=2,dopri5",
             "--classifier-epochs",
             "1",
+            "--phema",
+            "0.05,0.2",
             "--json",
             str(out),
         ]
@@ -73,6 +75,10 @@ def test_quality_benchmark_runs_end_to_end(tmp_path, capsys):
     assert graded["nfe"] == 2 and graded["fd"] != result["final"]["euler:2"]["fd"]
     assert [c["step"] for c in result["checkpoints"]] == [1, 2]
     assert result["floor"] > 0
+    # Post-hoc EMA widths reconstructed from the run's snapshots, scored with every solver.
+    assert [p["sigma_rel"] for p in result["phema"]] == [0.05, 0.2]
+    assert all(set(p["fd"]) == set(result["final"]) for p in result["phema"])
+    assert "post-hoc EMA (distance per solver)" in printed and "best at euler:2" in printed
 
 
 def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):

@@ -110,7 +110,8 @@ def test_training_stores_snapshots_and_resumes_them_exactly(phema_run, tmp_path,
     ]  # fmt: skip
     split = tmp_path / "split"
     faces = phema_run["faces"]
-    assert run_cli(*train_args(faces, split, "--max-steps", 3, "--phema-every", 2)).exit_code == 0
+    first = train_args(faces, split, "--max-steps", 3, "--phema-every", 2, "--save-every-steps", 3)
+    assert run_cli(*first).exit_code == 0
     assert run_cli(*train_args(faces, split, "--max-steps", 6, "--resume")).exit_code == 0
     for name in ("phema_00000006.safetensors", "phema_00000004.safetensors"):
         a, _ = checkpoint.load(run / FOLDER / name)
@@ -118,6 +119,15 @@ def test_training_stores_snapshots_and_resumes_them_exactly(phema_run, tmp_path,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     # The interrupted run also stored step 3 (its last), which a reconstruction may use.
     assert (split / FOLDER / "phema_00000003.safetensors").is_file()
+    # A run resumed from an earlier checkpoint drops the snapshots of the steps it retrains.
+    (split / "checkpoint_final.safetensors").unlink()
+    (split / "checkpoint_step_6.safetensors").unlink()
+    assert checkpoint.read_metadata(checkpoint.find_latest(split))["step"] == 3
+    resumed = run_cli(*train_args(faces, split, "--max-steps", 4, "--resume", "--phema-every", 3))
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in (split / FOLDER).iterdir()) == [
+        "phema_00000002.safetensors", "phema_00000003.safetensors", "phema_00000004.safetensors",
+    ]  # fmt: skip
 
     off = tmp_path / "off"
     assert run_cli(*train_args(faces, off, "--max-steps", 2, "--phema", "off")).exit_code == 0

@@ -156,7 +156,10 @@ def test_the_start_up_summary_says_what_will_run(tmp_path, faces, run_cli):
     assert f"model: unet ({count:,} parameters), flow_matching on the linear path\n" in (
         result.output
     )
-    assert f"\noutput: {run}\n" in result.output
+    # Where it writes, and what the post-hoc EMA snapshots cost (8 bytes a parameter).
+    assert f"\noutput: {run}; post-hoc EMA (sigma_rel 0.05, 0.1) every step, 0 MiB each\n" in (
+        result.output
+    )
     assert "data: folder, 24 images at 16x16; 6 steps per epoch, 2 steps" in result.output
     assert "device: cpu, fp32, compile off; batch 4 (1 process x 1 x 4); lr 0.0003 after 5 " \
         "warm-up steps" in result.output  # fmt: skip

@@ -44,6 +44,7 @@ from fmkit.progress import TrainingBar, startup_lines
 from fmkit.run_folder import claim_run
 from fmkit.space import build_space
 from fmkit.state import EMA, TrainState
+from fmkit.teacher import Teacher
 from fmkit.visualize import training_grid
 
 __all__ = ["train"]
@@ -172,7 +173,15 @@ class Run:
         self.objective_opts = objective_options(
             cfg, lambda name: objectives.accepts(cfg.objective, name)
         )
-        return objectives.build(cfg.objective, self.objective_opts, path=path)
+        supplied = {"path": path}
+        if objectives.accepts(cfg.objective, "teacher"):  # a distillation objective
+            if not cfg.init_from:
+                raise FmkitError(
+                    f"objective '{cfg.objective}' learns from a trained model: name it with "
+                    "--init-from RUN (its weights also start the student)"
+                )
+            supplied["teacher"] = Teacher(cfg.init_from)
+        return objectives.build(cfg.objective, self.objective_opts, **supplied)
 
     def build_model(self) -> None:
         cfg, device, info = self.cfg, self.device, self.info

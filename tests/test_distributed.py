@@ -155,6 +155,15 @@ def test_meanflow_trains_under_ddp_like_on_one_process(tmp_path, faces):
     assert_close(ref, trained(faces, tmp_path / "two", *extra, procs=2))
 
 
+def test_a_distilled_student_trains_under_ddp_like_on_one_process(tmp_path, faces):
+    # Each process loads its own frozen teacher, outside DistributedDataParallel.
+    teacher = tmp_path / "teacher"
+    assert fmkit(*train_args(faces, teacher, "--max-steps", 2, "--phema", "off")).returncode == 0
+    extra = ["--max-steps", 3, "--objective", "distill", "--init-from", teacher]
+    ref = trained(faces, tmp_path / "one", *extra)
+    assert_close(ref, trained(faces, tmp_path / "two", *extra, procs=2))
+
+
 def test_resume_on_two_processes_is_exact_and_on_one_says_so(tmp_path, faces):
     full, split = tmp_path / "full", tmp_path / "split"
     assert fmkit(*train_args(faces, full, "--max-steps", 6), procs=2).returncode == 0

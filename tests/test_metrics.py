@@ -95,6 +95,11 @@ def test_fewstep_benchmark_runs_end_to_end(tmp_path, capsys):
     assert models["reflow (2-RF)"]["scores"]["euler:2:schedule=uniform"]["nfe"] == 2
     assert models["flow matching"]["scores"]["ab2:8:schedule=edm"]["nfe"] == 8
     assert (tmp_path / "runs" / "pairs" / "meta.json").is_file()
+    # Flow-map students distilled from the teacher, in both forms, at 1-8 jumps.
+    for form in ("lagrangian", "eulerian"):
+        scores = models[f"distilled ({form})"]["scores"]
+        assert [s["nfe"] for s in scores.values()] == [1, 2, 4, 8]
+    assert "distilled (lagrangian): 1 NFE / dopri5" in printed
 
 
 def test_coupling_benchmark_runs_end_to_end(tmp_path, capsys):

@@ -336,6 +336,8 @@ def init_from(
         mismatch.append("backbone_opts")
     if teacher.spec.data != spec.data:
         mismatch.append("data (resolution, channels or conditions)")
+    if (teacher.spec.space, teacher.spec.model_shape()) != (spec.space, spec.model_shape()):
+        mismatch.append(f"space ({teacher.spec.space}, not {spec.space})")
     if mismatch:
         raise FmkitError(
             f"--init-from {source}: its model differs from this run's in "

@@ -115,3 +115,11 @@ def test_space_mistakes_are_one_line_before_anything_is_written(tmp_path, faces,
     assert not run.exists()
     listed = run_cli("list", "spaces").output
     assert "pixels" in listed and "patchify" in listed
+
+
+def test_init_from_a_model_of_another_space_is_one_line(patch_run, tmp_path, run_cli):
+    faces = small_faces(tmp_path / "faces")
+    args = train_args(faces, tmp_path / "run", "--max-steps", 1, "--init-from", patch_run,
+                      "--space", "pixels")  # fmt: skip
+    line = one_line_error(run_cli(*args))
+    assert "space (patchify, not pixels)" in line and not (tmp_path / "run").exists()

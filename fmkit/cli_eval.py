@@ -23,11 +23,13 @@ from fmkit.evaluate import (
     setup,
 )
 from fmkit.flags import (
+    accelerate,
     checkpoint_option,
     cond_option,
     device_option,
     ema_option,
     guidance_options,
+    network_options,
     opt_flag,
     parse_interval,
     seed_option,
@@ -87,6 +89,7 @@ def _eval_options(func):
             help="Reference statistics cache [default: ~/.cache/fmkit/fid].",
         ),
         device_option,
+        network_options(many_batches=True),
         cond_option,
         click.option(
             "--cond-sampling",
@@ -103,7 +106,7 @@ def _eval_options(func):
 
 
 def _setup(common: dict):
-    return setup(
+    ev = setup(
         common["ckpt"],
         ema=common["ema"],
         metrics=common["metrics"],
@@ -121,6 +124,8 @@ def _setup(common: dict):
         guidance=common["guidance"],
         interval=parse_interval(common["guidance_interval"]),
     )
+    accelerate(ev.generator, common["precision"], common["compile_network"], many_batches=True)
+    return ev
 
 
 @eval_group.command("fid")

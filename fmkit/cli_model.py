@@ -14,6 +14,7 @@ from fmkit.device import resolve_device
 from fmkit.errors import FmkitError
 from fmkit.flags import (
     CHECKPOINT_HELP,
+    accelerate,
     check_guidance,
     checkpoint_option,
     cond_option,
@@ -21,8 +22,10 @@ from fmkit.flags import (
     ema_option,
     given,
     guidance_options,
+    network_options,
     opt_flag,
     parse_interval,
+    precision_option,
     seed_option,
     solver_flags,
 )
@@ -59,10 +62,11 @@ from fmkit.sample import sample_to_dir
     help="One image per line, each line's conditions as in --cond, comma-separated.",
 )
 @guidance_options
+@network_options(many_batches=False)
 @click.pass_context
 def sample_command(
     ctx, ckpt, solver, steps, solver_opts, num_samples, batch_size, seed, ema, output,
-    trajectory, device, conds, cond_file, guidance, guidance_interval,
+    trajectory, device, conds, cond_file, guidance, guidance_interval, precision, compile_network,
 ) -> None:  # fmt: skip
     """Generate images from a checkpoint with any ODE solver (by default the model's own);
     prints the NFE of each batch.
@@ -81,6 +85,7 @@ def sample_command(
         num_samples = len(cond)
     interval = parse_interval(guidance_interval)
     generator = Generator.load(ckpt, ema=ema, device=resolve_device(device))
+    accelerate(generator, precision, compile_network, many_batches=False)
     chosen = generator.defaults.solver_for(solver, steps, options)
     check_guidance(generator, asked)
     if chosen.solver.adaptive and "steps" in asked:
@@ -91,7 +96,8 @@ def sample_command(
     )  # fmt: skip
     click.echo(
         f"{report.images} images in {output}/ ({chosen.spec}, mean NFE "
-        f"{sum(report.nfe) / len(report.nfe):.1f}); {report.seconds:.2f} s, "
+        f"{sum(report.nfe) / len(report.nfe):.1f}, {'bf16' if generator.bf16 else 'fp32'}); "
+        f"{report.seconds:.2f} s, "
         f"{report.images / report.seconds:.1f} images/s"
     )
 
@@ -112,10 +118,11 @@ def sample_command(
 @seed_option("Seeds every pair's noise.")
 @guidance_options
 @device_option
+@network_options(many_batches=True)
 @click.pass_context
 def reflow_command(
     ctx, teacher, num_pairs, out, solver, steps, solver_opts, batch_size, seed, guidance,
-    guidance_interval, device,
+    guidance_interval, device, precision, compile_network,
 ) -> None:  # fmt: skip
     """Write a teacher's noise-image pairs for `fmkit train --objective reflow` (rectified flow,
     Liu et al. 2023); an interrupted run resumes when called again with the same settings.
@@ -130,6 +137,7 @@ def reflow_command(
     options = parse_options(solver_opts, "--solver-opt")
     interval = parse_interval(guidance_interval)
     model = Generator.load(teacher, device=resolve_device(device))
+    accelerate(model, precision, compile_network, many_batches=True)
     check_guidance(model, given(ctx))
     chosen = model.defaults.solver_for(solver, steps, options)
     # The checkpoint a run directory means now, recorded with the weights' digest.
@@ -207,14 +215,15 @@ def export_command(ckpt, out, fmt, export_opts, fp16, ema, batch_size) -> None:
     "--host", default="127.0.0.1", show_default=True, help="Address to serve on (loopback)."
 )
 @device_option
-def demo_command(ckpt: Path, port: int, host: str, device: str) -> None:
+@precision_option
+def demo_command(ckpt: Path, port: int, host: str, device: str, precision: str) -> None:
     """Serve a web page that generates images from a trained model on a click: seed, solver,
     steps, guidance and, for a conditional model, the controls of its condition kind; shows
     the images, the NFE, the time taken and the trajectory from noise to image
     (docs/export.md)."""
     from fmkit.demo import LOOPBACK, serve
 
-    generator = Generator.load(ckpt, device=resolve_device(device))
+    generator = Generator.load(ckpt, device=resolve_device(device)).accelerate(precision)
     server = serve(generator, host, port)
     if host.strip("[]") not in {name.strip("[]") for name in LOOPBACK}:
         click.echo(f"warning: not loopback: whoever reaches {host} can use this model", err=True)

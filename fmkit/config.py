@@ -203,7 +203,12 @@ class TrainConfig:
         "auto (bf16 on CUDA, fp32 on the CPU), fp32 or bf16.",
         choices=("auto", "fp32", "bf16"),
     )
-    compile: bool = option(False, "torch.compile the backbone for training.", resumable=True)
+    compile: bool | None = option(
+        None,
+        "torch.compile the backbone for training [default: on CUDA, off on the CPU]; if the "
+        "compiler fails, training goes on without it after one warning.",
+        resumable=True,
+    )
     channels_last: bool | None = option(None, "NHWC memory format [default: on CUDA only].")
     fused_adamw: bool | None = option(None, "One-kernel AdamW [default: on CUDA only].")
     dist_timeout: float = option(

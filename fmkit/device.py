@@ -34,20 +34,27 @@ class Fast:
         memory_format: channels_last (NHWC) or contiguous.
         fused_adamw: one-kernel AdamW (torch >= 2.4 also has it on the CPU, where a test can
             run what a GPU run runs).
+        compile: torch.compile the backbone (fmkit.compiled guards the first step).
     """
 
     bf16: bool
     memory_format: torch.memory_format
     fused_adamw: bool
+    compile: bool = False
 
 
 def choose(
-    device: torch.device, precision: str, channels_last: bool | None, fused_adamw: bool | None
+    device: torch.device,
+    precision: str,
+    channels_last: bool | None,
+    fused_adamw: bool | None,
+    compile: bool | None = False,
 ) -> Fast:
-    """`--precision auto` is bf16 on CUDA and fp32 elsewhere; channels_last and fused AdamW
-    are on on CUDA unless a flag says otherwise (None: the device's default)."""
+    """`--precision auto` is bf16 on CUDA and fp32 elsewhere; channels_last, fused AdamW and
+    torch.compile are on on CUDA unless a flag says otherwise (None: the device's default)."""
     cuda = device.type == "cuda"
     bf16 = precision == "bf16" or (precision == "auto" and cuda)
     nhwc = channels_last if channels_last is not None else cuda
     fused = fused_adamw if fused_adamw is not None else cuda
-    return Fast(bf16, torch.channels_last if nhwc else torch.contiguous_format, fused)
+    compiled = compile if compile is not None else cuda
+    return Fast(bf16, torch.channels_last if nhwc else torch.contiguous_format, fused, compiled)

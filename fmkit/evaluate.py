@@ -341,6 +341,10 @@ def evaluate_solver(
         "solver": solver_name,
         "solver_settings": settings,
         "mean_nfe": sum(gen.nfe) / len(gen.nfe),
+        "network": {
+            "precision": "bf16" if ev.generator.bf16 else "fp32",
+            "compiled": ev.generator.network is not ev.generator.module,
+        },
         "wall_s": gen.seconds,
         "images_per_s": num_samples / gen.seconds,
         "reference": {

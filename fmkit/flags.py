@@ -57,6 +57,47 @@ device_option = click.option(
     help="Where to run (auto: cuda when torch sees a GPU).",
 )
 
+precision_option = click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    help="The network's precision while sampling (auto: bf16 on CUDA, fp32 on the CPU); the "
+    "solver's state stays fp32. fp32 forces full precision.",
+)
+
+
+def network_options(many_batches: bool):
+    """--precision and --compile/--no-compile for a command that samples: how its network runs
+    (`Generator.accelerate`). Compiling is on by default on CUDA where many batches follow
+    (`many_batches`: an evaluation, reflow pairs), whose warm-up it repays."""
+    default = "on CUDA, off on the CPU" if many_batches else "off"
+
+    def decorate(func):
+        func = click.option(
+            "--compile/--no-compile",
+            "compile_network",
+            default=None,
+            help="torch.compile the network: a warm-up of tens of seconds, repaid over many "
+            f"batches; a compiler failure falls back to eager [default: {default}].",
+        )(func)
+        return precision_option(func)
+
+    return decorate
+
+
+def accelerate(
+    generator: Generator, precision: str, compile_network: bool | None, many_batches: bool
+) -> Generator:
+    """`generator` set up as `network_options` asked (None: the command's default)."""
+    from fmkit.device import choose
+
+    if compile_network is None:
+        compile_network = None if many_batches else False  # None: on CUDA
+    on = choose(generator.device, precision, False, False, compile_network).compile
+    return generator.accelerate(precision, on)
+
+
 ema_option = click.option(
     "--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights."
 )

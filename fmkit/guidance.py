@@ -13,8 +13,9 @@ from fmkit.conditions import condition_keys, unconditional
 
 
 class GuidedModel:
-    """A backbone as objectives call it, model(x, t, cond), with classifier-free guidance
-    (Ho & Salimans 2022), and a count of network evaluations.
+    """A backbone (or any network(x, t[, cond]) callable) as objectives call it, model(x, t,
+    cond), with classifier-free guidance (Ho & Salimans 2022), and a count of network
+    evaluations.
 
     With guidance w, the output is v_u + w (v_c - v_u): v_c given the conditions, v_u with
     every condition unspecified, both from one batched forward pass (counted as 2 NFE). w = 1
@@ -25,7 +26,7 @@ class GuidedModel:
 
     def __init__(
         self,
-        module: nn.Module,
+        module: nn.Module | Callable[..., Tensor],
         guidance: float = 1.0,
         interval: tuple[float, float] = (0.0, 1.0),
         watch: Callable[[int], None] | None = None,

@@ -76,6 +76,7 @@ def startup_lines(
     device: torch.device,
     bf16: bool,
     processes: int,
+    compiled: bool = False,
     micro_batch: int,
     images: int | None,
     steps_per_epoch: int | None,
@@ -109,7 +110,7 @@ def startup_lines(
         f"{cfg.path} path{cond}{space}",
         f"data: {cfg.dataset}, {size} at {data.image_size}x{data.image_size}; {epoch}{length}"
         f"{start}",
-        f"device: {where}, {'bf16' if bf16 else 'fp32'}, compile {'on' if cfg.compile else 'off'}; "
+        f"device: {where}, {'bf16' if bf16 else 'fp32'}, compile {'on' if compiled else 'off'}; "
         f"batch {cfg.batch_size} ({per}); lr {lr}",
         f"output: {cfg.output}" + (f"; {snapshots}" if snapshots else ""),
     ]

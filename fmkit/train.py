@@ -18,6 +18,7 @@ from fmkit import __version__ as fmkit_version
 from fmkit import checkpoint, distributed
 from fmkit.augment import hflip
 from fmkit.batch import Batch
+from fmkit.compiled import FirstCompiledCall
 from fmkit.config import TrainConfig, objective_options
 from fmkit.data import TrainingData
 from fmkit.device import choose, resolve_device
@@ -186,8 +187,8 @@ class Run:
     def build_model(self) -> None:
         cfg, device, info = self.cfg, self.device, self.info
         cuda = device.type == "cuda"
-        fast = choose(device, cfg.precision, cfg.channels_last, cfg.fused_adamw)
-        self.bf16, self.memory_format = fast.bf16, fast.memory_format
+        fast = choose(device, cfg.precision, cfg.channels_last, cfg.fused_adamw, cfg.compile)
+        self.bf16, self.memory_format, self.compiled = fast.bf16, fast.memory_format, fast.compile
         self.spec = ModelSpec(
             backbone=cfg.backbone,
             backbone_opts=self.backbone_opts,
@@ -233,9 +234,16 @@ class Run:
             warnings.filterwarnings(
                 "ignore", message="Grad strides do not match bucket view strides"
             )
-        if cfg.compile:
-            trained = torch.compile(trained)
-        self.model = as_model(trained)
+        self.model = eager = as_model(trained)
+        if fast.compile:
+            self.model = as_model(torch.compile(trained))
+
+        def fall_back() -> None:
+            self.model, self.compiled = eager, False
+
+        self.first_step = FirstCompiledCall(
+            fast.compile, fall_back, info.is_main, "training step", "training without it"
+        )
 
     def resume(self) -> None:
         latest = checkpoint.find_latest(self.out)
@@ -254,7 +262,8 @@ class Run:
             training = self.training
             lines = startup_lines(
                 self.cfg, self.data, parameters=self.parameter_count, device=self.device,
-                bf16=self.bf16, processes=self.info.world_size, micro_batch=self.micro_batch,
+                bf16=self.bf16, compiled=self.compiled, processes=self.info.world_size,
+                micro_batch=self.micro_batch,
                 images=None if training.iterable else len(training.dataset),
                 steps_per_epoch=training.steps_per_epoch, total=self.total,
                 schedule=self.schedule, resumed_at=self.state.step,
@@ -278,7 +287,7 @@ class Run:
             self.steps_this_epoch = 0
             epoch = self.training.epoch(state.epoch, state.batch_in_epoch, cfg.grad_accum)
             for micro in epoch:
-                self.result = self.step(micro)
+                self.result = self.first_step.run(lambda micro=micro: self.step(micro))
                 if self.bar is None:
                     self.open_outputs()
                 self.bar.update(self.result.loss)

@@ -96,7 +96,7 @@ def test_sample_cli_with_conditions_a_file_and_guidance(two_class_run, tmp_path,
     result = run_cli("sample", "--checkpoint", two_class_run, "--cond", "class=red",
                      "--num-samples", 3, "--steps", 5, "--output", out)  # fmt: skip
     # By default ab2 on the shift grid (t = 0, 0.08, 0.18, 0.33, 0.57), guided at 0.2 <= t <= 0.8.
-    assert "(ab2:5, mean NFE 7.0)" in result.output
+    assert "(ab2:5, mean NFE 7.0, fp32)" in result.output
     spec = tmp_path / "conds.txt"
     spec.write_text("class=red\n# a comment\nclass=blue\nclass=#1\n")
     result = run_cli("sample", "--checkpoint", two_class_run, "--cond-file", spec,

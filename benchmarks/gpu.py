@@ -5,11 +5,17 @@
 
 Stages (each one's failure is reported and makes the run exit 1; the others still run):
   train    the 35.7M UNet (DDPM's CIFAR-10 configuration) at 64x64, batch 128, on a prepared
-           synthetic array, through `fmkit train`: fp32 (TF32), bf16, bf16 + torch.compile
-           (channels_last and fused AdamW on CUDA throughout); images/s after warm-up, peak
-           memory, and MFU from FLOPs counted by torch.utils.flop_counter on the real training
-           step against the card's dense bf16 peak; plus a bare loop in the last setting.
-  sample   1,000 images with Euler 20 and dopri5 from the trained checkpoint (`fmkit sample`).
+           synthetic array, through `fmkit train`: fp32 (TF32), bf16, and the defaults (bf16 and
+           torch.compile on CUDA; channels_last and fused AdamW on CUDA throughout); images/s
+           after warm-up, peak memory, and MFU from FLOPs counted by torch.utils.flop_counter
+           on the real training step against the card's dense bf16 peak; plus a bare loop in
+           the last setting.
+  main     the README's own command on the prepared array: the default model (9.0M UNet) and
+           batch (32) with every speed flag at its default, then --no-compile and
+           --no-channels-last, and the bare loop on that model in torch.compile's modes
+           (CUDA graphs) and layouts: how far the default is from the best found.
+  sample   1,000 images with Euler 20 (default precision: bf16 on CUDA; fp32; compiled) and
+           dopri5 from the trained checkpoint (`fmkit sample`), and the bf16-fp32 difference.
   torchrun `torchrun --nproc-per-node 1` (NCCL on a GPU) for a few steps, then a resume, and
            the weight difference to an uninterrupted run.
   fid      `fmkit eval fid` on the device with a random-weights Inception file.
@@ -65,8 +71,23 @@ FULL = {
     "samples": 1000,
     "sample_batch": 500,
     "small_unet": ["base_channels=32", "channel_mult=1,2,2", "attn_resolutions=16"],
-    # (label, precision, torch.compile); the bare loop runs the last one.
-    "modes": [("fp32", "fp32", False), ("bf16", "bf16", False), ("bf16+compile", "bf16", True)],
+    # (label, precision, torch.compile; None: fmkit's default); the bare loop runs the last.
+    "modes": [("fp32", "fp32", False), ("bf16", "bf16", False), ("defaults", "auto", None)],
+    # The README's command: its default model (9.0M UNet) and batch (32), flags as given.
+    "main_warmup": 20,
+    "main_steps": 100,
+    "main_batch": 32,  # fmkit train's default
+    "main_variants": [
+        ("defaults", []),
+        ("--no-compile", ["--no-compile"]),
+        ("--no-channels-last", ["--no-channels-last"]),
+    ],
+    # The same model and batch in the bare loop: torch.compile modes and layouts.
+    "main_bare": [
+        ("compile", {}),
+        ("compile, CUDA graphs", {"mode": "reduce-overhead"}),
+        ("compile, contiguous", {"channels_last": False}),
+    ],
     "coupling_batches": (128, 512, 2048),
 }
 SMOKE = {
@@ -92,6 +113,11 @@ SMOKE = {
     # Compiling on 2 CPU cores takes longer than the rest together; the test suite has its own
     # compiled training-and-resume test.
     "modes": [("fp32", "fp32", False), ("bf16", "bf16", False)],
+    "main_warmup": 1,
+    "main_steps": 1,
+    "main_batch": 4,  # the default model, at a batch the CPU takes in seconds
+    "main_variants": [("defaults", ["--batch-size", 4, "--num-samples", 1, "--sample-steps", 1])],
+    "main_bare": [("eager", {"compile": False})],
     "coupling_batches": (16,),
 }
 
@@ -171,8 +197,53 @@ def stage_train(cfg, work, device, peak, results, rows) -> Path:
     return last
 
 
+def stage_main(cfg, work, device, data, results, rows) -> None:
+    """The README's main job, `fmkit train --backbone unet --dataset celeba`, on a prepared
+    array at 64x64 instead of CelebA: the default model and batch, every speed flag at its
+    default; then each variant's flags, and the bare loop on the same model and batch in
+    torch.compile's modes and layouts. Says how far the default is from the best found."""
+    warm, steps, batch = cfg["main_warmup"], cfg["main_steps"], cfg["main_batch"]
+    speeds = {}
+    for label, extra in cfg["main_variants"]:
+        out = work / f"main-{len(speeds)}"
+        args = ["train", "--backbone", "unet", "--dataset", "prepared", "--data-dir", data]
+        args += ["--image-size", cfg["image_size"], "--max-steps", warm + steps]
+        args += ["--log-every", warm, "--device", device.type, "--output", out, *extra]
+        output = run(fmkit_cli(*args))
+        speeds[f"fmkit train {label}"] = train_step.trainer_speed(out, warm, batch)
+        if label == "defaults":
+            results["main_startup"] = [
+                line for line in output.splitlines() if line.startswith(("model:", "device:"))
+            ]
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    for label, changes in cfg["main_bare"]:
+        settings = train_step.Settings(
+            steps, warm, batch, cfg["image_size"], {}, device.type, "auto", None, workers
+        )
+        for key, value in changes.items():
+            setattr(settings, key, value)
+        speeds[f"bare loop, {label}"] = train_step.bare_loop(data, settings)
+    best = max(speeds, key=speeds.get)
+    default = speeds["fmkit train defaults"]
+    ratio = default / speeds[best]
+    results["main"] = {"images_per_s": speeds, "best": best, "default_vs_best": ratio}
+    for label, ips in speeds.items():
+        rows.append((f"main job: {label}", f"{ips:,.0f} img/s ({ips / speeds[best]:.2f} of best)"))
+
+
 def stage_sample(cfg, work, device, run_dir, results, rows) -> None:
-    for solver, extra in (("euler", ["--steps", 20]), ("dopri5", [])):
+    """`fmkit sample` from the trained checkpoint: Euler 20 at the default precision (bf16 on
+    CUDA), forced to fp32, and compiled; dopri5 at the defaults. Then how far bf16 moves the
+    samples from fp32 (the same noise, Euler 20)."""
+    variants = (
+        ("euler", "euler", ["--steps", 20]),
+        ("euler_fp32", "euler", ["--steps", 20, "--precision", "fp32"]),
+        ("euler_compiled", "euler", ["--steps", 20, "--compile"]),
+        ("dopri5", "dopri5", []),
+    )
+    for label, solver, extra in variants:
+        if label == "euler_compiled" and device.type != "cuda":
+            continue  # a CPU compile is the test suite's, not this smoke run's
         output = run(
             fmkit_cli(
                 "sample",
@@ -188,13 +259,30 @@ def stage_sample(cfg, work, device, run_dir, results, rows) -> None:
                 "--device",
                 device.type,
                 "--output",
-                work / f"samples-{solver}",
-            )
+                work / f"samples-{label}",
+            )  # fmt: skip
         )
         nfe = [int(n) for n in re.findall(r"batch \d+/\d+: \d+ images, NFE (\d+)", output)]
         ips = float(re.search(r"([\d.]+) images/s", output).group(1))
-        results[f"sample_{solver}"] = {"images_per_s": ips, "nfe": nfe}
-        rows.append((f"sample {solver}", f"{ips:,.1f} img/s, NFE per batch {nfe}"))
+        precision = re.search(r"mean NFE [\d.]+, (\w+)\)", output).group(1)
+        results[f"sample_{label}"] = {"images_per_s": ips, "nfe": nfe, "precision": precision}
+        rows.append((f"sample {label} ({precision})", f"{ips:,.1f} img/s, NFE per batch {nfe}"))
+
+    from fmkit import Generator
+    from fmkit.solver import solver_from_spec
+
+    model = Generator.load(run_dir, device=device)
+    noise = torch.randn(64, 3, cfg["image_size"], cfg["image_size"])
+    fp32 = model.accelerate("fp32").generate(noise, solver_from_spec("euler:20")).x
+    bf16 = model.accelerate("bf16").generate(noise, solver_from_spec("euler:20")).x
+    gap = (bf16 - fp32).abs()
+    results["sample_bf16_vs_fp32"] = {"mean_abs": gap.mean().item(), "max_abs": gap.max().item()}
+    rows.append(
+        (
+            "bf16 vs fp32 samples (64, Euler 20, in [-1, 1])",
+            f"mean |diff| {gap.mean().item():.2e}, max {gap.max().item():.2e}",
+        )
+    )
 
 
 def stage_torchrun(cfg, work, device, data, results, rows) -> None:
@@ -327,7 +415,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument(
         "--stages",
-        default="train,sample,fid,torchrun,demo,coupling",
+        default="train,main,sample,fid,torchrun,demo,coupling",
         help="comma-separated subset (sample and fid need train)",
     )
     args = parser.parse_args()
@@ -381,6 +469,8 @@ def main() -> int:
                 rows.append((name, "not run: training failed"))
             else:
                 stage(name, body)
+        if "main" in wanted:
+            stage("main", lambda: stage_main(cfg, work, device, data, results, rows))
         if "torchrun" in wanted:
             stage("torchrun", lambda: stage_torchrun(cfg, work, device, data, results, rows))
         if "demo" in wanted:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from fmkit.config import TrainConfig
 from fmkit.data import build_dataset, make_loader
-from fmkit.device import resolve_device
+from fmkit.device import choose, resolve_device
 from fmkit.plugins import registry
 from fmkit.prepared import write_array
 from fmkit.train import train
@@ -55,23 +55,25 @@ class Settings:
     image_size: int = 32
     unet: dict = field(default_factory=lambda: dict(UNET))
     device: str = "cpu"
-    precision: str = "fp32"
-    compile: bool = False
+    precision: str = "fp32"  # or "bf16"; the trainer also takes "auto" (bf16 on CUDA)
+    compile: bool | None = False  # None: fmkit's default (on CUDA)
     num_workers: int = 0
+    channels_last: bool | None = None  # None: fmkit's default (on CUDA)
+    mode: str | None = None  # torch.compile's mode for the bare loop: "reduce-overhead", ...
 
 
 def bare_loop(data_dir: Path, s: Settings) -> float:
     """The minimal flow-matching step: no EMA, no clipping, no logging. Uses what fmkit uses on
-    the device (channels_last, fused AdamW and TF32 on CUDA, bf16 autocast when asked)."""
+    the device (fmkit.device.choose: channels_last, fused AdamW, compile and TF32 on CUDA, bf16
+    autocast when asked), and `s.mode` for torch.compile (e.g. CUDA graphs)."""
     dev = resolve_device(s.device)
     cuda = dev.type == "cuda"
+    fast = choose(dev, s.precision, s.channels_last, None, s.compile)
     torch.manual_seed(0)
     model = registry("backbones").build("unet", s.unet, image_size=s.image_size, channels=3)
-    model = model.to(dev)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    net = torch.compile(model) if s.compile else model
+    model = model.to(dev, memory_format=fast.memory_format)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fast.fused_adamw)
+    net = torch.compile(model, mode=s.mode) if fast.compile else model
     data = build_dataset("prepared", str(data_dir), s.image_size)
     loader = make_loader(data, s.batch_size, s.num_workers, pin_memory=cuda)
     done, start, images = 0, 0.0, 0
@@ -81,13 +83,11 @@ def bare_loop(data_dir: Path, s: Settings) -> float:
                 if cuda:
                     torch.cuda.synchronize()
                 start, images = time.perf_counter(), 0
-            x1 = x1.to(dev, non_blocking=True)
-            if cuda:
-                x1 = x1.contiguous(memory_format=torch.channels_last)
+            x1 = x1.to(dev, non_blocking=True).contiguous(memory_format=fast.memory_format)
             x0 = torch.randn_like(x1)
             t = torch.rand(x1.shape[0], device=dev)
             tt = t.view(-1, 1, 1, 1)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.precision == "bf16"):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast.bf16):
                 predicted = net(tt * x1 + (1 - tt) * x0, t)
             loss = ((predicted.float() - (x1 - x0)) ** 2).mean()
             opt.zero_grad(set_to_none=True)
@@ -122,13 +122,20 @@ def fmkit_loop(data_dir: Path, out: Path, s: Settings) -> float:
         device=s.device,
         precision=s.precision,
         compile=s.compile,
+        channels_last=s.channels_last,
         num_workers=s.num_workers,
     )
     train(cfg, progress=False)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in rows if r["step"] > s.warmup]  # each covers `warmup` steps
-    seconds = sum(s.warmup * s.batch_size / r["images_per_s"] for r in timed)
-    return len(timed) * s.warmup * s.batch_size / seconds
+    return trainer_speed(out, s.warmup, s.batch_size)
+
+
+def trainer_speed(run: Path, window: int, batch_size: int) -> float:
+    """Images/s of a run logged every `window` steps, over the lines after the first window
+    (compilation, autotuning): each covers exactly `window` steps."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if r["step"] > window]
+    seconds = sum(window * batch_size / r["images_per_s"] for r in timed)
+    return len(timed) * window * batch_size / seconds
 
 
 def main() -> None:

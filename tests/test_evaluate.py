@@ -122,6 +122,7 @@ def test_eval_fid_and_sweep_from_the_cli(weights, faces, tmp_path, run_cli):
     (line,) = [x.split("\r")[-1].strip() for x in result.output.splitlines() if "FID " in x]
     assert line.startswith(f"FID {record['fid']:.4g}, KID ") and "mean NFE 3.0" in line
     assert record["mean_nfe"] == 3 and record["num_samples"] == 12
+    assert record["network"] == {"precision": "fp32", "compiled": False}  # the CPU's defaults
     assert {"kid_mean", "precision", "recall", "wall_s", "images_per_s"} <= set(record)
     # Precision/recall compares equally many real images (16 in the folder) and samples (12).
     assert record["prc_reference_images"] == 12

@@ -80,6 +80,12 @@ def main(argv=None) -> None:
         "--distill-steps", type=int, help="students' steps [default: the teacher's --steps]"
     )
     parser.add_argument("--distill-forms", default="lagrangian,eulerian")
+    parser.add_argument(
+        "--no-meanflow",
+        dest="meanflow",
+        action="store_false",
+        help="do not train MeanFlow from scratch (e.g. its figures are an earlier run's)",
+    )
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--classifier-epochs", type=int, default=40)
     parser.add_argument("--keep", type=Path, help="keep (and reuse) the runs here")
@@ -99,18 +105,23 @@ def measure(work: Path, args) -> dict:
     (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     if not (work / "data" / "meta.json").is_file():
         quality.write_training_set(gen_x, work / "data")
-    jobs = [
-        config(work, "flow_matching", args.steps),
-        config(
-            work, "meanflow", args.steps, objective="meanflow",
-            backbone_opts={**quality.BASE["backbone_opts"], "two_times": True},
-        ),
-    ]  # fmt: skip
-    if args.parallel > 1:
+    jobs = [config(work, "flow_matching", args.steps)]
+    if args.meanflow:
+        jobs.append(
+            config(
+                work,
+                "meanflow",
+                args.steps,
+                objective="meanflow",
+                backbone_opts={**quality.BASE["backbone_opts"], "two_times": True},
+            )  # fmt: skip
+        )
+    if args.parallel > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(args.parallel) as pool:
-            (teacher, teacher_cpu), (meanflow, meanflow_cpu) = pool.map(run, jobs)
+            trained = pool.map(run, jobs)
     else:
-        (teacher, teacher_cpu), (meanflow, meanflow_cpu) = map(run, jobs)
+        trained = list(map(run, jobs))
+    (teacher, teacher_cpu), *meanflow = trained
 
     forms = [f for f in args.distill_forms.split(",") if f]
     students = [
@@ -159,12 +170,12 @@ def measure(work: Path, args) -> dict:
         "steps": args.steps,
         "floor": floor,
         "samples": n,
-        "models": {
-            "flow matching": {"cpu_s": teacher_cpu, "scores": {}},
-            "MeanFlow": {"cpu_s": meanflow_cpu, "scores": {}},
-        },
+        "models": {"flow matching": {"cpu_s": teacher_cpu, "scores": {}}},
     }
-    models = [("flow matching", teacher, TEACHER_SOLVERS), ("MeanFlow", meanflow, FEW)]
+    models = [("flow matching", teacher, TEACHER_SOLVERS)]
+    if meanflow:
+        results["models"]["MeanFlow"] = {"cpu_s": meanflow[0][1], "scores": {}}
+        models.append(("MeanFlow", meanflow[0][0], FEW))
     if args.pairs:
         results["models"]["reflow (2-RF)"] = {
             "cpu_s": reflow_cpu, "pairs_cpu_s": pairs_cpu, "pairs": args.pairs,
@@ -223,6 +234,8 @@ def print_table(results: dict, args) -> None:
             f"4 NFE {ab2_4:.1f} (target: lower); teacher + student "
             f"{model['teacher_cpu_s'] + model['cpu_s']:.0f} CPU s"
         )
+    if "MeanFlow" not in results["models"]:
+        return
     mf1 = results["models"]["MeanFlow"]["scores"][FEW[0]]["fd"]
     print(
         f"- MeanFlow at 1 NFE / teacher Euler 50: {mf1 / teacher['euler:50:schedule=uniform']['fd']:.2f} "

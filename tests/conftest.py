@@ -8,6 +8,11 @@ import textwrap
 from pathlib import Path
 
 os.environ["FMKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+# pytest-xdist runs one worker per core (pyproject.toml): each worker's torch, and every
+# process it starts, computes on one thread, or the workers' thread pools oversubscribe the
+# cores (set before torch is imported).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Decoded-dataset caches and FID statistics go to a directory of this test session's own.
 os.environ["FMKIT_CACHE"] = tempfile.mkdtemp(prefix="fmkit-test-cache-")
 

@@ -130,7 +130,7 @@ def test_gpu_benchmark_smoke_runs_every_stage(tmp_path):
     assert results["sample_euler"]["precision"] == results["sample_euler_fp32"]["precision"]
     assert 0 < results["main"]["default_vs_best"] <= 1  # the README's command, timed
     model, device = results["main_startup"]  # the default UNet (at 16x16 here), defaults
-    assert model.startswith("model: unet (8,704,387 parameters)") and "batch 4 " in device
+    assert model.startswith("model: unet (8.7M parameters)") and "batch 4 " in device
     assert results["torchrun"]["resume_max_abs_diff"] == 0  # gloo on the CPU: bit-exact
     assert results["demo"]["nfe"] == 20 and results["demo"]["cold_s"] > results["demo"]["first_s"]
     assert 0 < results["coupling_ot_16"]["seconds"] < 60

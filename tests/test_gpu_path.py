@@ -119,7 +119,7 @@ def test_gpu_benchmark_smoke_runs_every_stage(tmp_path):
         [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--smoke", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads(out.read_text())

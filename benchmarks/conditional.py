@@ -32,7 +32,6 @@ from torch import nn
 
 from fmkit import Condition, DataSpec, Generator
 from fmkit.config import TrainConfig
-from fmkit.metrics import feature_distance
 from fmkit.options import parse_options
 from fmkit.prepared import write_array
 from fmkit.solver import build_solver
@@ -95,7 +94,7 @@ def _train_missing(jobs: list[tuple], parallel: int) -> list[Path]:
 
 def part_class(work: Path, steps: int, samples: int, parallel: int, backbone: dict) -> None:
     images, labels = quality.digits()
-    (gen_x, gen_y), (cls_x, cls_y), _ = quality.split(images, labels)
+    (gen_x, gen_y), _, _ = quality.split(images, labels)
     quality.write_training_set(gen_x, work / "digits", gen_y)
     cond_ckpt, free_ckpt = train_all(
         [
@@ -104,8 +103,8 @@ def part_class(work: Path, steps: int, samples: int, parallel: int, backbone: di
         ],
         parallel,
     )
-    classifier = quality.train_classifier(cls_x, cls_y)
-    reference = quality.features(classifier, gen_x)
+    scorer = quality.Scorer(samples)
+    classifier = scorer.classifier
     floor_x, floor_y = images[1400:], labels[1400:]
     with torch.no_grad():
         ceiling = (classifier(floor_x).argmax(1) == floor_y).float().mean().item()
@@ -116,7 +115,7 @@ def part_class(work: Path, steps: int, samples: int, parallel: int, backbone: di
     print("| model | guidance | interval | correct class | Fréchet distance | NFE |")
     print("| --- | --- | --- | --- | --- | --- |")
     free = Generator.load(free_ckpt).sample(samples, solver=solver, seed=1, batch_size=samples)
-    fd = feature_distance(quality.features(classifier, free.images), reference)
+    fd = scorer.distance(free.images)
     print(f"| unconditional | — | — | — | {fd:.1f} | {free.nfe[0]} |")
     model = Generator.load(cond_ckpt)
     target = torch.tensor([w["class"] for w in wanted])
@@ -124,7 +123,7 @@ def part_class(work: Path, steps: int, samples: int, parallel: int, backbone: di
         out = model.sample(samples, cond=wanted, solver=solver, seed=1, batch_size=samples,
                            guidance=w, interval=interval)  # fmt: skip
         correct = classifier(out.images.clamp(-1, 1).mean(1, keepdim=True)).argmax(1) == target
-        fd = feature_distance(quality.features(classifier, out.images), reference)
+        fd = scorer.distance(out.images)
         print(
             f"| class-conditional | {w:g} | {interval[0]:g}–{interval[1]:g} | "
             f"{100 * correct.float().mean():.1f}% | {fd:.1f} | {out.nfe[0]} |",

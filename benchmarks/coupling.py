@@ -31,7 +31,6 @@ import torch
 
 from fmkit import Generator
 from fmkit.config import TrainConfig
-from fmkit.metrics import feature_distance
 from fmkit.solver import solver_from_spec
 from fmkit.train import train
 from fmkit_plugins.coupling import assignment, sinkhorn_draw
@@ -92,10 +91,9 @@ def part_quality(
     epochs: int,
     torchrun: int = 0,
 ) -> None:
-    images, labels = quality.digits()
-    (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     if not (work / "data" / "meta.json").is_file():
-        quality.write_training_set(gen_x, work / "data")
+        images, labels = quality.digits()
+        quality.write_training_set(quality.split(images, labels)[0][0], work / "data")
     jobs = [(work, c, steps, batch) for c in couplings]
     if parallel > 1:
         with multiprocessing.get_context("spawn").Pool(parallel) as pool:
@@ -106,12 +104,8 @@ def part_quality(
     if torchrun > 1:
         finals.append(run_torchrun_local(work, steps, batch, torchrun))
         names.append(f"ot (local, {torchrun} processes)")
-    classifier = quality.train_classifier(cls_x, cls_y, epochs)
-    reference = quality.features(classifier, gen_x)
-    floor = feature_distance(quality.features(classifier, floor_x[:samples]), reference)
-    noise = torch.randn(
-        samples, 3, quality.SIZE, quality.SIZE, generator=torch.Generator().manual_seed(1)
-    )
+    scorer = quality.Scorer(samples, epochs)
+    noise, floor = scorer.noise, scorer.floor
     print(
         f"\n## Coupling at {steps} steps, batch {batch} "
         f"(digits, EMA, {samples} samples, floor {floor:.1f})\n"
@@ -123,7 +117,7 @@ def part_quality(
         model = Generator.load(final)
         cells = []
         dopri = model.generate(noise, solver_from_spec("dopri5"))
-        cells += [str(dopri.nfe), f"{fd(quality, classifier, reference, dopri.x):.1f}"]
+        cells += [str(dopri.nfe), f"{scorer.distance(dopri.x):.1f}"]
         path = model.generate(
             noise, solver_from_spec("euler:20:schedule=uniform"), times=torch.linspace(0, 1, 21)
         ).trajectory  # (21, N, C, H, W)
@@ -132,14 +126,10 @@ def part_quality(
         cells.append(f"{((path - line) ** 2).mean().item():.4f}")
         for n in (4, 8, 20):
             x = model.generate(noise, solver_from_spec(f"euler:{n}:schedule=uniform")).x
-            cells.append(f"{fd(quality, classifier, reference, x):.1f}")
+            cells.append(f"{scorer.distance(x):.1f}")
         x = model.generate(noise, solver_from_spec("ab2:20")).x  # what `fmkit sample` does
-        cells.append(f"{fd(quality, classifier, reference, x):.1f}")
+        cells.append(f"{scorer.distance(x):.1f}")
         print(f"| {coupling} | " + " | ".join(cells) + " |", flush=True)
-
-
-def fd(quality, classifier, reference, x) -> float:
-    return feature_distance(quality.features(classifier, x), reference)
 
 
 def part_time() -> None:

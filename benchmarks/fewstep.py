@@ -30,7 +30,6 @@ import torch
 
 from fmkit import Generator
 from fmkit.config import TrainConfig
-from fmkit.metrics import feature_distance
 from fmkit.reflow import write_pairs
 from fmkit.solver import solver_from_spec
 from fmkit.train import train
@@ -101,10 +100,9 @@ def main(argv=None) -> None:
 
 
 def measure(work: Path, args) -> dict:
-    images, labels = quality.digits()
-    (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
     if not (work / "data" / "meta.json").is_file():
-        quality.write_training_set(gen_x, work / "data")
+        images, labels = quality.digits()
+        quality.write_training_set(quality.split(images, labels)[0][0], work / "data")
     jobs = [config(work, "flow_matching", args.steps)]
     if args.meanflow:
         jobs.append(
@@ -153,23 +151,16 @@ def measure(work: Path, args) -> dict:
         )  # fmt: skip
         reflowed, reflow_cpu = run(reflow_cfg)
 
-    classifier = quality.train_classifier(cls_x, cls_y, args.classifier_epochs)
-    reference = quality.features(classifier, gen_x)
-    n = min(args.samples, len(floor_x))
-    floor = feature_distance(quality.features(classifier, floor_x[:n]), reference)
-    noise = torch.randn(
-        n, 3, quality.SIZE, quality.SIZE, generator=torch.Generator().manual_seed(1)
-    )
+    scorer = quality.Scorer(args.samples, args.classifier_epochs)
 
     def score(path: Path, spec: str) -> dict:
-        solution = Generator.load(path).generate(noise, solver_from_spec(spec))
-        fd = feature_distance(quality.features(classifier, solution.x), reference)
-        return {"fd": fd, "nfe": solution.nfe}
+        solution = Generator.load(path).generate(scorer.noise, solver_from_spec(spec))
+        return {"fd": scorer.distance(solution.x), "nfe": solution.nfe}
 
     results = {
         "steps": args.steps,
-        "floor": floor,
-        "samples": n,
+        "floor": scorer.floor,
+        "samples": scorer.n,
         "models": {"flow matching": {"cpu_s": teacher_cpu, "scores": {}}},
     }
     models = [("flow matching", teacher, TEACHER_SOLVERS)]

@@ -23,7 +23,6 @@ import torch
 
 from fmkit.config import TrainConfig
 from fmkit.generator import Generator
-from fmkit.metrics import feature_distance
 from fmkit.solver import solver_from_spec
 from fmkit.train import train
 
@@ -43,29 +42,22 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
-        images, labels = quality.digits()
-        (gen_x, _), (cls_x, cls_y), floor_x = quality.split(images, labels)
         checkpoint = args.checkpoint
         if checkpoint is None:
-            quality.write_training_set(gen_x, Path(tmp) / "data")
+            images, labels = quality.digits()
+            quality.write_training_set(quality.split(images, labels)[0][0], Path(tmp) / "data")
             cfg = {**quality.BASE, "data_dir": f"{tmp}/data", "output": f"{tmp}/run"}
             checkpoint = train(TrainConfig(**cfg, max_steps=args.train_steps), progress=False)
-        classifier = quality.train_classifier(cls_x, cls_y, args.classifier_epochs)
-        reference = quality.features(classifier, gen_x)
-        n = min(args.samples, len(floor_x))
-        floor = feature_distance(quality.features(classifier, floor_x[:n]), reference)
-        noise = torch.randn(
-            n, 3, quality.SIZE, quality.SIZE, generator=torch.Generator().manual_seed(1)
-        )
+        scorer = quality.Scorer(args.samples, args.classifier_epochs)
         rows = []
         for spec in args.solvers.split(","):
             out = {}
             for precision in ("fp32", "bf16"):
                 model = Generator.load(checkpoint).accelerate(precision)
                 start = time.perf_counter()
-                solution = model.generate(noise, solver_from_spec(spec))
+                solution = model.generate(scorer.noise, solver_from_spec(spec))
                 seconds = time.perf_counter() - start
-                fd = feature_distance(quality.features(classifier, solution.x), reference)
+                fd = scorer.distance(solution.x)
                 out[precision] = {"x": solution.x, "fd": fd, "nfe": solution.nfe, "s": seconds}
             gap = (out["bf16"]["x"] - out["fp32"]["x"]).abs()
             rows.append({
@@ -74,8 +66,8 @@ def main(argv=None) -> None:
                 "mean_abs_diff": gap.mean().item(),  # images in [-1, 1]
                 "max_abs_diff": gap.max().item(),
             })  # fmt: skip
-    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, {n} samples of "
-          f"{checkpoint}; real-vs-real floor {floor:.1f}")  # fmt: skip
+    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, {scorer.n} samples of "
+          f"{checkpoint}; real-vs-real floor {scorer.floor:.1f}")  # fmt: skip
     print("| solver | NFE | fp32 distance | bf16 distance | change | mean / max abs pixel diff |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -86,7 +78,9 @@ def main(argv=None) -> None:
             f"{r['max_abs_diff']:.3f} |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"floor": floor, "samples": n, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"floor": scorer.floor, "samples": scorer.n, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

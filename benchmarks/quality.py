@@ -131,6 +131,26 @@ def split(images, labels):
     return (images[:900], labels[:900]), (images[900:1400], labels[900:1400]), images[1400:]
 
 
+class Scorer:
+    """The benchmark's distance: Fréchet distance, in the classifier's features, between
+    generated images and the generator's training digits, with the real-vs-real floor at the
+    same sample size and one fixed batch of noise that every model samples from."""
+
+    def __init__(self, samples: int, classifier_epochs: int = 40) -> None:
+        images, labels = digits()
+        (gen_x, _), (cls_x, cls_y), floor_x = split(images, labels)
+        self.classifier = train_classifier(cls_x, cls_y, classifier_epochs)
+        self.reference = features(self.classifier, gen_x)  # (900, 64)
+        self.n = min(samples, len(floor_x))
+        self.floor = self.distance(floor_x[: self.n])
+        # (n, 3, 16, 16), the same noise for every model and solver
+        self.noise = torch.randn(self.n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+    def distance(self, images: torch.Tensor) -> float:
+        """(N, C, 16, 16) in [-1, 1] -> the distance to the training digits."""
+        return feature_distance(features(self.classifier, images), self.reference)
+
+
 def write_training_set(images: torch.Tensor, out: Path, labels: torch.Tensor | None = None):
     """A prepared array of the digits (as 3-channel images); with `labels`, also their
     classes "0".."9", so `--condition class` can train on them."""
@@ -163,8 +183,7 @@ def run_recipe(
 ) -> dict:
     torch.set_num_threads(1)
     images, labels = digits()
-    (gen_x, _), (cls_x, cls_y), floor_x = split(images, labels)
-    write_training_set(gen_x, work / "data")
+    write_training_set(split(images, labels)[0][0], work / "data")
     overrides = RECIPES[name]
     cfg = dict(BASE, **overrides, data_dir=str(work / "data"), output=str(work / "calib"))
     if max_steps is None:  # calibrate: CPU seconds per step, then fill the budget
@@ -183,20 +202,16 @@ def run_recipe(
     )
     train_cpu = time.process_time() - start
 
-    classifier = train_classifier(cls_x, cls_y, classifier_epochs)
-    reference = features(classifier, gen_x)
-    n = min(samples, len(floor_x))
-    floor = feature_distance(features(classifier, floor_x[:n]), reference)
-    noise = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    scorer = Scorer(samples, classifier_epochs)
 
     def score(path, ema, solver, state=None):
         # "euler:20" or "euler:20:schedule=shift:shift=3": method, step count, solver options.
         model = Generator.load(path, ema=ema)
         if state is not None:  # other weights for the same model (a post-hoc EMA)
             model.module.load_state_dict(state)
-        solution = model.generate(model.space.encode(noise), solver_from_spec(solver))
+        solution = model.generate(model.space.encode(scorer.noise), solver_from_spec(solver))
         images = model.space.decode(solution.x)  # the same noise in every space (lossless ones)
-        return feature_distance(features(classifier, images), reference), solution.nfe
+        return scorer.distance(images), solution.nfe
 
     final = run / "checkpoint_final.safetensors"
     result = {
@@ -204,8 +219,8 @@ def run_recipe(
         "overrides": overrides,
         "steps": max_steps,
         "train_cpu_s": train_cpu,
-        "floor": floor,
-        "samples": n,
+        "floor": scorer.floor,
+        "samples": scorer.n,
         "final": {},
         "checkpoints": [],
     }

@@ -86,10 +86,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
-def shutdown() -> None:
-    """Leave the process group; safe to call when none was joined."""
+def shutdown(together: bool = False) -> None:
+    """Leave the process group; safe to call when none was joined. `together` (after a run
+    every rank completed): wait for every rank first, so no rank tears its group down while
+    another is still at work (a gloo rank that left while rank 0 drew the final grid was seen
+    to abort in the teardown). After an error a rank may be gone, so no waiting then."""
     global _control
     if dist.is_available() and dist.is_initialized():
+        if together:
+            dist.barrier(group=_control)  # host-side: the CPU group beside an NCCL one
         dist.destroy_process_group()
     _control = None
 

@@ -34,11 +34,6 @@ def to_pixels(image: Tensor) -> np.ndarray:
     return to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
 
 
-def to_unit(images: Tensor) -> Tensor:
-    """[-1, 1] -> [0, 1] float32 on the CPU, clamped (what torchvision's save_image takes)."""
-    return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-
-
 def pil_pixels(image: Image.Image) -> np.ndarray:
     """A decoded RGB image as (H, W, 3) uint8."""
     return np.asarray(image, dtype=np.uint8)

@@ -6,14 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchvision.utils import save_image
-
 from fmkit.folders import FolderKind, claim
 from fmkit.generator import Generator
-from fmkit.pixels import to_unit
 from fmkit.progress import SamplingBar
 from fmkit.solver import Solver
-from fmkit.visualize import trajectory_strip, visualize_samples
+from fmkit.visualize import save_png, trajectory_strip, visualize_samples
 
 
 @dataclass
@@ -62,8 +59,8 @@ def sample_to_dir(
     if trajectory >= 2:
         trajectory_strip(samples.trajectory, out / "trajectory.png")
     visualize_samples(samples.images, out / "grid.png", nrow=max(1, int(num_samples**0.5)))
-    for i, image in enumerate(to_unit(samples.images)):
-        save_image(image, out / f"{i:05d}.png")
+    for i, image in enumerate(samples.images):
+        save_png(image, out / f"{i:05d}.png")
     folder.retire(keep=names)  # an earlier, larger batch of samples leaves no strays
     return SampleReport(len(samples.images), samples.nfe, samples.seconds)
 

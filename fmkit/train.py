@@ -64,8 +64,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     (which says how to resume); a second SIGINT aborts.
     """
     info = distributed.from_environment()
+    completed = False
     try:
-        return Run(cfg.with_absolute_paths(), info, progress).execute(resume)
+        final = Run(cfg.with_absolute_paths(), info, progress).execute(resume)
+        completed = True
+        return final
     except Interrupted:
         raise
     except FmkitError as exc:
@@ -77,7 +80,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             "the checkpoints written so far are intact"
         ) from None
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together=completed)
 
 
 @dataclass

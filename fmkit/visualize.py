@@ -6,18 +6,44 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from PIL import Image
 from torch import Tensor
-from torchvision.utils import save_image
 
 from fmkit.batch import Condition
-from fmkit.pixels import to_unit
+from fmkit.pixels import to_uint8
+
+
+def save_png(images: Tensor, path: Path, nrow: int = 8, padding: int = 2) -> None:
+    """(N, C, H, W) or (C, H, W) floats in [-1, 1] -> one PNG: a grid of `nrow` images a row
+    with `padding` black pixels around each (torchvision's make_grid layout; one image alone
+    has no border). Pixels go through `pixels.to_uint8`, so a saved sample loads back as the
+    exact 8-bit image. Written with PIL: importing torchvision would add seconds to every
+    command's start (it imports the compiler stack)."""
+    pixels = to_uint8(images.detach().cpu())
+    if pixels.dim() == 3:
+        pixels = pixels[None]
+    if pixels.shape[1] == 1:  # grey -> RGB, as make_grid does
+        pixels = pixels.expand(-1, 3, -1, -1)
+    n, c, h, w = pixels.shape
+    if n == 1:
+        grid = pixels[0]
+    else:
+        cols = min(nrow, n)
+        rows = math.ceil(n / cols)
+        grid = torch.zeros(c, rows * (h + padding) + padding, cols * (w + padding) + padding,
+                           dtype=torch.uint8)  # fmt: skip
+        for i, image in enumerate(pixels):
+            top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
+            grid[:, top : top + h, left : left + w] = image
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path)
 
 
 def visualize_samples(samples: Tensor, save_path: str | Path, nrow: int = 8) -> Path:
     """Save (N, C, H, W) images in [-1, 1] as one grid PNG (the seed's API)."""
     path = Path(save_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_unit(samples), path, nrow=nrow, padding=2)
+    save_png(samples, path, nrow=nrow)
     return path
 
 
@@ -26,7 +52,7 @@ def trajectory_strip(trajectory: Tensor, save_path: str | Path) -> Path:
     k, n = trajectory.shape[:2]
     rows = trajectory.transpose(0, 1).reshape(n * k, *trajectory.shape[2:])
     path = Path(save_path)
-    save_image(to_unit(rows), path, nrow=k, padding=2)
+    save_png(rows, path, nrow=k)
     return path
 
 

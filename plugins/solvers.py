@@ -8,7 +8,6 @@ import math
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from fmkit import Solver, Velocity, hookimpl
 
@@ -120,6 +119,8 @@ class FixedStepSolver(GridSolver):
         # The grid is fixed by `steps`; `times` only chooses which states are returned, so a
         # trajectory request does not change the result.
         options = {"grid_constructor": lambda func, y0, t: grid}
+        from torchdiffeq import odeint  # here: it imports scipy, a second on every start
+
         return odeint(velocity, x0, times, method=self.method, options=options)
 
 
@@ -193,6 +194,8 @@ class AdaptiveSolver(Solver):
         # the last one and interpolating back: a flow model is never asked about t > 1 (or
         # t < 0 when integrating backwards), times it was never trained on.
         options = {"step_t": times}
+        from torchdiffeq import odeint
+
         return odeint(
             inside, x0, times, method=self.method, rtol=self.rtol, atol=self.atol, options=options
         )

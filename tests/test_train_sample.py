@@ -3,12 +3,15 @@
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, one_line_error, train_args, write_image
 from PIL import Image
 
-from fmkit import checkpoint, hookimpl
+from fmkit import Generator, checkpoint, hookimpl
+from fmkit.pixels import to_uint8
+from fmkit.solver import solver_from_spec
 
 
 def test_train_writes_checkpoints_grids_metrics_then_sample(tmp_path, faces, run_cli):
@@ -65,7 +68,18 @@ def test_train_writes_checkpoints_grids_metrics_then_sample(tmp_path, faces, run
         "grid.png",
         "trajectory.png",
     ]
-    assert Image.open(s / "00000.png").size == (16, 16)
+    # Each PNG is the model's image through pixels.to_uint8 (seed 0, the default), and the
+    # grid puts them 2 a row (int(sqrt(5))) with 2 black pixels around each.
+    expected = Generator.load(out).sample(5, solver=solver_from_spec("rk4:3"), seed=0, batch_size=3)
+    grid = torch.from_numpy(np.array(Image.open(s / "grid.png"))).permute(2, 0, 1)
+    assert grid.shape == (3, 2 + 3 * 18, 2 + 2 * 18)
+    for i, image in enumerate(to_uint8(expected.images)):
+        saved = torch.from_numpy(np.array(Image.open(s / f"{i:05d}.png"))).permute(2, 0, 1)
+        assert torch.equal(saved, image)
+        top, left = 2 + (i // 2) * 18, 2 + (i % 2) * 18
+        assert torch.equal(grid[:, top : top + 16, left : left + 16], image)
+        grid[:, top : top + 16, left : left + 16] = 0
+    assert grid.max() == 0  # the rest is padding (and the empty sixth cell)
     adaptive = run_cli(
         "sample",
         "--checkpoint",
